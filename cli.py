@@ -1,0 +1,69 @@
+"""Command-line plumbing shared by every script: the flags spelled the same way everywhere,
+and the one error type that ends a run with a single clear line instead of a traceback."""
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, a file, a value): printed as one line, exit status 2."""
+
+
+def run(main):
+    """Call `main()`, turning a UserError into `error: ...` on stderr and a non-zero exit."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def int_list(text):
+    """'20,40,40' -> [20, 40, 40] for argparse."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def float_list(text):
+    """'1e-2,3e-3' -> [0.01, 0.003] for argparse."""
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+
+
+def parser(description):
+    return argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def add_data(p, default="data/stanford_cars"):
+    p.add_argument("--data", default=default,
+                   help="prepared dataset folder holding train.csv and test.csv (see data.py)")
+
+
+def add_model_choice(p):
+    p.add_argument("--arch", default="resnext50_32x4d",
+                   help="backbone: a torchvision ResNet/ResNeXt name or any timm model name")
+    p.add_argument("--no-pretrained", action="store_true",
+                   help="start from random weights instead of ImageNet weights")
+    p.add_argument("--weights", default=None,
+                   help="local backbone weights file (.pth or .safetensors) to use instead of downloading")
+
+
+def add_common_training(p):
+    p.add_argument("--valid-pct", type=float, default=0.0,
+                   help="fraction of train held out for validation (0: train on all of train)")
+    p.add_argument("--seed", type=int, default=42, help="random seed for the split and the run")
+    p.add_argument("--crop-bbox", action="store_true",
+                   help="crop every image to its bounding box (with a margin) before resizing")
+    p.add_argument("--balance", action="store_true",
+                   help="sample training classes evenly (oversample rare classes)")
+    p.add_argument("--loss", choices=["ce", "smooth", "focal"], default="ce",
+                   help="cross-entropy, label-smoothing cross-entropy (0.1) or focal loss (gamma 2)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (default: all CPU cores, at most 16)")

@@ -1,0 +1,211 @@
+"""Data: prepare a fine-grained dataset into train.csv/test.csv, and build fastai DataLoaders from them.
+
+    python data.py --dataset cars --root data                  # download (tries every known source)
+    python data.py --dataset cars --root data --source DIR     # files you already have, any layout
+
+The CSVs have the columns `filename` (relative to the CSV's folder), `bbox_x1..bbox_y2`
+(1-based, empty when the layout has no boxes), `class_id` and `class_name`."""
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+import cli
+from cli import UserError
+
+IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+REQUIRED_COLUMNS = ["filename", "class_id"]
+BOX_COLUMNS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
+
+
+# ---------------------------------------------------------------- preparation
+
+def prepare(dataset, root, sources=(), remotes=None, workers=None):
+    """Write `<root>/<dataset dir>/train.csv` and `test.csv`; return that folder.
+
+    `sources`: folders or archives the user has; none means download. `remotes` overrides
+    the dataset's download sources ({name: [Remote, ...]}), for mirrors and tests."""
+    from prepare import DATASETS
+    from prepare.fetch import DownloadError, extract, fetch_source, is_archive
+    from prepare.tables import tables_exist, write_tables
+
+    module = DATASETS[dataset]
+    dest = Path(root) / module.DIRNAME
+    if tables_exist(dest):
+        print(f"{dest}: already prepared (delete train.csv and test.csv to prepare again)")
+        return dest
+    roots = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            roots.append(source)
+        elif is_archive(source):
+            raw = dest / "raw" / source.name
+            extract(source, raw)
+            roots.append(raw)
+        elif source.exists():
+            raise UserError(f"{source}: --source must be a folder or a .tar/.tgz/.zip archive")
+        else:
+            raise UserError(f"{source}: no such file or folder")
+    if not roots:
+        failures = []
+        for name, files in (remotes or module.SOURCES).items():
+            raw = dest / "raw" / _slug(name)
+            try:
+                fetch_source(files, Path(root) / "downloads", raw)
+                roots = [raw]
+                break
+            except DownloadError as err:
+                failures.append(f"  - {name}: {err}")
+        else:
+            raise UserError("could not download the dataset; tried:\n" + "\n".join(failures) + "\n" + module.HOW_TO_GET)
+    records = module.find_records(roots)
+    counts = write_tables(records, dest, workers)
+    print(f"{dest}: {counts['train']} train and {counts['test']} test images, "
+          f"{len({r.class_id for r in records})} classes")
+    return dest
+
+
+def _slug(text):
+    return "".join(c if c.isalnum() else "_" for c in text).strip("_")[:40]
+
+
+# ---------------------------------------------------------------- reading tables
+
+def read_table(path, need_labels=True):
+    """Read a prepared CSV, checking its columns, with one clear error for each kind of bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file (prepare the data first: python data.py --help)")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the CSV is empty")
+    except Exception as err:
+        raise UserError(f"{path}: not a readable CSV ({err})")
+    required = REQUIRED_COLUMNS if need_labels else REQUIRED_COLUMNS[:1]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise UserError(f"{path}: the CSV has no rows")
+    if need_labels:
+        if not pd.api.types.is_numeric_dtype(df["class_id"]) or df["class_id"].isna().any():
+            bad = df.index[pd.to_numeric(df["class_id"], errors="coerce").isna()][0]
+            raise UserError(f"{path}, row {bad + 2}: class_id {df['class_id'][bad]!r} is not a number")
+        df["class_id"] = df["class_id"].astype(int)
+        if "class_name" not in df.columns:
+            df["class_name"] = df["class_id"].astype(str)
+    df["filename"] = df["filename"].astype(str)
+    df.attrs["folder"] = str(path.parent)
+    return df
+
+
+def class_names(df):
+    """{class_id: class_name} in order of class id."""
+    pairs = df[["class_id", "class_name"]].drop_duplicates().sort_values("class_id")
+    return {int(k): str(v) for k, v in zip(pairs["class_id"], pairs["class_name"])}
+
+
+# ---------------------------------------------------------------- images
+
+def open_image(path, size=None, box=None, margin=0.0):
+    """Open an image as RGB, optionally cropped to `box` (1-based x1,y1,x2,y2) grown by `margin`.
+
+    With `size`, JPEGs are decoded at the smallest DCT scale that still leaves the region at
+    least `size` pixels on each side (PIL's draft mode): several times less work for the large
+    images of these datasets, with the same pixels after the resize that follows."""
+    im = Image.open(path)
+    width, height = im.size
+    region = (0, 0, width, height)
+    if box is not None and not any(pd.isna(v) for v in box):
+        x1, y1, x2, y2 = box
+        mx, my = margin * (x2 - x1 + 1), margin * (y2 - y1 + 1)
+        region = (max(0, x1 - 1 - mx), max(0, y1 - 1 - my), min(width, x2 + mx), min(height, y2 + my))
+    if size and im.format == "JPEG":
+        rw, rh = max(region[2] - region[0], 1), max(region[3] - region[1], 1)
+        im.draft("RGB", (math.ceil(size * width / rw), math.ceil(size * height / rh)))
+    if region != (0, 0, width, height):
+        sx, sy = im.size[0] / width, im.size[1] / height
+        im = im.crop((int(region[0] * sx), int(region[1] * sy), math.ceil(region[2] * sx), math.ceil(region[3] * sy)))
+    return im.convert("RGB")
+
+
+class ImageReader:
+    """fastai `get_x`: a CSV row to an RGB PILImage, cropped to its box when asked."""
+
+    def __init__(self, folder, size=None, crop_bbox=False, margin=0.16):
+        self.folder, self.size, self.crop_bbox, self.margin = Path(folder), size, crop_bbox, margin
+
+    def __call__(self, row):
+        from fastai.vision.core import PILImage
+        box = tuple(row[c] for c in BOX_COLUMNS) if self.crop_bbox and BOX_COLUMNS[0] in row.index else None
+        return PILImage(open_image(self.folder / row["filename"], self.size, box, self.margin))
+
+
+# ---------------------------------------------------------------- DataLoaders
+
+def default_workers():
+    return min(os.cpu_count() or 1, 16)
+
+
+def valid_indices(n, valid_pct, seed):
+    """A fixed random `valid_pct` of range(n) (the same for the same seed, whatever the machine)."""
+    if not valid_pct:
+        return []
+    order = np.random.RandomState(seed).permutation(n)
+    return sorted(order[: int(round(n * valid_pct))].tolist())
+
+
+def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False, margin=0.16,
+            balance=False, augment=True, workers=None, device=None, stats=IMAGENET_STATS):
+    """fastai DataLoaders for a prepared train.csv.
+
+    Labels are the class ids, so the model's classes are in class-id order. Augmentation is
+    fastai's default (flip, rotate 10°, zoom 1.1, lighting 0.2, warp 0.2) run on the batch,
+    on the GPU when there is one; then ImageNet normalization. `valid_pct=0` trains on all rows."""
+    from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter,
+                                   Normalize, Resize, aug_transforms)
+    import fastai.callback.data  # noqa: F401  (adds DataBlock.weighted_dataloaders)
+
+    df = train_csv if isinstance(train_csv, pd.DataFrame) else read_table(train_csv)
+    if crop_bbox and (not set(BOX_COLUMNS) <= set(df.columns) or df[BOX_COLUMNS].isna().all().all()):
+        raise UserError(f"{df.attrs.get('folder', 'train.csv')}: --crop-bbox needs bounding boxes, and this dataset has none")
+    batch_tfms = [*(aug_transforms() if augment else []), Normalize.from_stats(*stats)]
+    block = DataBlock(blocks=(ImageBlock, CategoryBlock),
+                      get_x=ImageReader(df.attrs["folder"], size, crop_bbox, margin),
+                      get_y=ColReader("class_id"),
+                      splitter=IndexSplitter(valid_indices(len(df), valid_pct, seed)),
+                      item_tfms=Resize(size), batch_tfms=batch_tfms)
+    kwargs = dict(bs=bs, num_workers=default_workers() if workers is None else workers, device=device)
+    if balance:
+        counts = df["class_id"].map(df["class_id"].value_counts())
+        return block.weighted_dataloaders(df, wgts=(1.0 / counts).to_numpy(), **kwargs)
+    return block.dataloaders(df, **kwargs)
+
+
+def test_dl(dls, df, bs=None, with_labels=True):
+    """A loader over every row of `df`, in order, once, with no augmentation (validation transforms)."""
+    return dls.test_dl(df, with_labels=with_labels, bs=bs or dls.bs, shuffle=False, drop_last=False)
+
+
+# ---------------------------------------------------------------- command line
+
+def main(argv=None):
+    from prepare import DATASETS
+    p = cli.parser("Prepare a fine-grained dataset: download it, or import files you have, into train.csv and test.csv.")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="cars",
+                   help="cars: Stanford Cars (196); aircraft: FGVC-Aircraft variants (100); cub: CUB-200-2011 (200)")
+    p.add_argument("--root", default="data", help="folder under which the dataset folder is made")
+    p.add_argument("--source", action="append", default=[],
+                   help="a folder or archive you already have (repeatable); without it the data is downloaded")
+    p.add_argument("--workers", type=int, default=None, help="processes used to check the images")
+    args = p.parse_args(argv)
+    prepare(args.dataset, args.root, args.source, workers=args.workers)
+
+
+if __name__ == "__main__":
+    cli.run(main)

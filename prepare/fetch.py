@@ -1,0 +1,155 @@
+"""Resumable, checked downloads and safe archive extraction.
+
+urllib and tarfile do the work; what is added by hand is what neither does on its own:
+resuming a cut download with an HTTP Range request, checking size and MD5 before a file
+gets its final name, and refusing archive members that would land outside the target."""
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from cli import UserError
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One file to download: where from, its name on disk, and what it must look like."""
+    url: str
+    filename: str
+    md5: str | None = None
+    size: int | None = None
+
+
+class DownloadError(Exception):
+    """One source failed; the caller may try the next one."""
+
+
+def md5sum(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check(remote, path):
+    """Raise DownloadError when `path` does not have the size and MD5 `remote` promises."""
+    if remote.size is not None and path.stat().st_size != remote.size:
+        raise DownloadError(f"{remote.url}: size {path.stat().st_size} bytes, expected {remote.size}")
+    if remote.md5 is not None:
+        got = md5sum(path)
+        if got != remote.md5:
+            raise DownloadError(f"{remote.url}: checksum mismatch (md5 {got}, expected {remote.md5})")
+
+
+def _fetch_once(remote, part, timeout):
+    """Append the rest of `remote` to `part`; return True when the file is complete."""
+    have = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": "fine-grained-classification/1.0"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    request = urllib.request.Request(remote.url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as err:
+        if err.code == 416 and have:  # nothing left to send: the part is already whole
+            return True
+        raise
+    with response:
+        resumed = have and response.status == 206
+        if not resumed:
+            have = 0
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length is not None else None
+        with open(part, "ab" if resumed else "wb") as out:
+            shutil.copyfileobj(response, out, CHUNK)
+    size = part.stat().st_size
+    return total is None or size >= total
+
+
+def download(remote, folder, retries=3, timeout=60):
+    """Download `remote` into `folder`, resuming after cuts; return the final path.
+
+    The file is written as NAME.part and renamed only once it is complete and checked,
+    so a file under its final name is always whole. A file already there is checked and kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / remote.filename
+    if final.exists():
+        _check(remote, final)
+        return final
+    part = final.with_name(final.name + ".part")
+    last_error = None
+    for attempt in range(retries):
+        try:
+            print(f"downloading {remote.url}" + (" (resuming)" if part.exists() else ""), file=sys.stderr)
+            if _fetch_once(remote, part, timeout):
+                break
+            last_error = "connection closed before the end of the file"
+        except urllib.error.HTTPError as err:
+            raise DownloadError(f"{remote.url}: HTTP {err.code} {err.reason}")
+        except (urllib.error.URLError, OSError) as err:
+            last_error = getattr(err, "reason", err)
+        time.sleep(min(2 ** attempt, 10) * 0.1)
+    else:
+        raise DownloadError(f"{remote.url}: {last_error} (partial file kept as {part}; run again to resume)")
+    try:
+        _check(remote, part)
+    except DownloadError:
+        part.unlink()
+        raise
+    os.replace(part, final)
+    return final
+
+
+def extract(archive, target):
+    """Unpack a tar or zip `archive` into `target`, refusing any member that would land outside it.
+
+    A marker file records a finished extraction, so a second call does nothing."""
+    archive, target = Path(archive), Path(target)
+    marker = target / f".{archive.name}.extracted"
+    if marker.exists():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    print(f"extracting {archive.name}", file=sys.stderr)
+    if tarfile.is_tarfile(archive):
+        with tarfile.open(archive) as tar:
+            try:
+                tar.extractall(target, filter="data")
+            except tarfile.FilterError as err:
+                raise UserError(f"{archive}: refusing archive member {err.tarinfo.name!r}: {err}")
+    elif zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            root = target.resolve()
+            for name in zf.namelist():
+                dest = (root / name).resolve()
+                if os.path.isabs(name) or not dest.is_relative_to(root):
+                    raise UserError(f"{archive}: refusing archive member {name!r}: it would land outside {target}")
+            zf.extractall(target)
+    else:
+        raise UserError(f"{archive}: not a tar or zip archive")
+    marker.touch()
+
+
+def is_archive(path):
+    path = Path(path)
+    return path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path))
+
+
+def fetch_source(remotes, downloads, target):
+    """Download every file of one source into `downloads`, unpacking archives into `target`."""
+    for remote in remotes:
+        path = download(remote, downloads)
+        if is_archive(path):
+            extract(path, target)
+        else:
+            shutil.copy2(path, target / path.name)

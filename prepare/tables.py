@@ -1,0 +1,109 @@
+"""Turn a list of annotated images into `train.csv` and `test.csv` under the dataset folder.
+
+Every image is decoded once (at reduced JPEG scale, so this is quick) so that a missing,
+truncated or unreadable file is reported here, by name, rather than in the middle of training."""
+import csv
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from cli import UserError
+
+COLUMNS = ["filename", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class_id", "class_name"]
+SPLITS = ("train", "test")
+
+
+@dataclass
+class Record:
+    """One image as a layout describes it.
+
+    `source` is where the image is now; `name` is its path under `<dest>/<split>/` when it
+    has to be linked or copied in; `bbox` is (x1, y1, x2, y2), 1-based inclusive as in the
+    Stanford devkit, or None; `crop_bottom` pixels are cut off the bottom (Aircraft's banner)."""
+    split: str
+    source: Path
+    name: str
+    class_id: int
+    class_name: str
+    bbox: tuple | None = None
+    crop_bottom: int = 0
+
+
+def tables_exist(dest):
+    return all((Path(dest) / f"{split}.csv").exists() for split in SPLITS)
+
+
+def check_image(path):
+    """Return None if `path` decodes as an image, else a one-line reason."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (64, 64))
+            im.load()
+        return None
+    except FileNotFoundError:
+        return "file is missing"
+    except Exception as err:  # PIL raises many types for bad files
+        return f"cannot be read as an image ({err})"
+
+
+def check_images(paths, workers=None):
+    """Raise UserError naming the first path that is missing or does not decode."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    paths = list(paths)
+    if workers > 1 and len(paths) > 200:
+        with ProcessPoolExecutor(workers) as pool:
+            reasons = list(pool.map(check_image, paths, chunksize=64))
+    else:
+        reasons = [check_image(p) for p in paths]
+    for path, reason in zip(paths, reasons):
+        if reason:
+            raise UserError(f"{path}: {reason}")
+
+
+def _place(record, dest):
+    """Put the record's image under `dest` (a link where possible) and return its relative name."""
+    dest = Path(dest).resolve()
+    source = Path(record.source).resolve()
+    if not record.crop_bottom and source.is_relative_to(dest):
+        return source.relative_to(dest).as_posix()
+    target = dest / record.split / record.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        tmp = target.with_name(target.name + ".tmp")
+        if record.crop_bottom:
+            with Image.open(source) as im:
+                im.crop((0, 0, im.width, im.height - record.crop_bottom)).save(tmp, format="JPEG", quality=95)
+        else:
+            try:
+                os.symlink(source, tmp)
+            except OSError:
+                shutil.copy2(source, tmp)
+        os.replace(tmp, target)
+    return target.relative_to(dest).as_posix()
+
+
+def write_tables(records, dest, workers=None):
+    """Check every image, place it under `dest`, and write train.csv and test.csv atomically."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        if not any(r.split == split for r in records):
+            raise UserError(f"no {split} images were found in the source")
+    check_images([r.source for r in records], workers)
+    rows = {split: [] for split in SPLITS}
+    for r in records:
+        box = list(r.bbox) if r.bbox is not None else ["", "", "", ""]
+        rows[r.split].append([_place(r, dest), *box, r.class_id, r.class_name])
+    for split in SPLITS:
+        path = dest / f"{split}.csv"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            writer.writerows(rows[split])
+        os.replace(tmp, path)
+    return {split: len(rows[split]) for split in SPLITS}
