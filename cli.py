@@ -2,6 +2,7 @@
 and the one error type that ends a run with a single clear line instead of a traceback."""
 import argparse
 import sys
+import warnings
 
 
 class UserError(Exception):
@@ -10,6 +11,8 @@ class UserError(Exception):
 
 def run(main):
     """Call `main()`, turning a UserError into `error: ...` on stderr and a non-zero exit."""
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)  # raised by fastai's import
+    warnings.filterwarnings("ignore", message="Your generator is empty")  # fastprogress, on an empty validation set
     try:
         main()
     except UserError as err:

@@ -1,0 +1,79 @@
+"""The learning-rate range test (fastai's LR finder) before a stage of the recipe: a plot of
+loss against learning rate, saved as a PNG with fastai's suggestions marked, and printed.
+
+    python lr_find.py --stage frozen                              # loss_plot_frozen.png
+    python lr_find.py --stage unfrozen --model runs/NAME          # after the frozen stage, as the original did"""
+import json
+import sys
+from pathlib import Path
+
+import cli
+from cli import UserError
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    cli.add_data(p)
+    cli.add_model_choice(p)
+    p.add_argument("--stage", choices=["frozen", "unfrozen"], default="frozen",
+                   help="test with the body frozen (except BatchNorm) or unfrozen")
+    p.add_argument("--model", default=None,
+                   help="start from this trained model folder (from run.py) instead of the backbone's ImageNet weights")
+    p.add_argument("--size", type=int, default=224, help="image size")
+    p.add_argument("--bs", type=int, default=32, help="batch size")
+    p.add_argument("--start-lr", type=float, default=1e-7, help="smallest learning rate tried")
+    p.add_argument("--end-lr", type=float, default=10.0, help="largest learning rate tried")
+    p.add_argument("--num-it", type=int, default=100, help="number of mini-batches (learning rates) tried")
+    p.add_argument("--wd", type=float, default=1e-3, help="AdamW weight decay")
+    cli.add_common_training(p)
+    p.add_argument("--out", default=".", help="folder for loss_plot_<stage>.png and lr_find_<stage>.json")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from fastai.callback.schedule import minimum, slide, steep, valley
+    from fastai.torch_core import set_seed
+    from data import get_dls, read_table
+    from models import create_learner, load_trained
+    from train import show_bars, use_device
+
+    data = Path(args.data)
+    if not data.is_dir():
+        raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
+    set_seed(args.seed)
+    dls = get_dls(read_table(data / "train.csv"), args.size, args.bs, args.valid_pct, args.seed, args.crop_bbox,
+                  balance=args.balance, workers=args.workers)
+    pretrained = not args.no_pretrained and args.model is None
+    arch = json.loads((Path(args.model) / "model.json").read_text())["arch"] if args.model and (Path(args.model) / "model.json").exists() else args.arch
+    learn = create_learner(dls, arch, pretrained=pretrained, weights=args.weights, wd=args.wd, loss=args.loss)
+    if args.model:
+        trained, meta = load_trained(args.model)
+        if len(meta["classes"]) != dls.c:
+            raise UserError(f"{args.model}: model has {len(meta['classes'])} classes, the data has {dls.c}")
+        learn.model.load_state_dict(trained.state_dict())
+    learn.freeze() if args.stage == "frozen" else learn.unfreeze()
+    show_bars(learn, sys.stdout.isatty())
+    print(f"LR range test, {args.stage} {arch} on {use_device(learn)}")
+    funcs = (minimum, steep, valley, slide)
+    # fastai draws the plot with the suggestions marked only inside lr_find (plot_lr_find returns no figure)
+    found = learn.lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it, show_plot=True, suggest_funcs=funcs)
+    names = [f.__name__ for f in funcs]
+    fig = plt.gcf()
+    fig.axes[0].set_title(f"LR range test: {arch}, {args.stage}, {args.size} px")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / f"loss_plot_{args.stage}.png"
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    suggestions = {n: float(v) for n, v in zip(names, found)}
+    (out / f"lr_find_{args.stage}.json").write_text(json.dumps(suggestions, indent=2))
+    for n, v in suggestions.items():
+        print(f"{n:>8}: {v:.2e}")
+    print(f"plot: {png}")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,177 @@
+"""Models: a fastai Learner for a backbone named on the command line, and saving/loading trained
+models as safetensors weights plus a JSON of metadata (nothing is ever unpickled).
+
+Backbones: torchvision's ResNets and ResNeXts (cut before the pool, fastai's concat-pool head,
+the recipe's three parameter groups), or any timm model by name. Names from the unmaintained
+`pretrainedmodels` package map to timm's ports of the same weights."""
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cli import UserError
+
+TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"}
+ALIASES = {
+    "resnext50": "resnext50_32x4d", "resnext101": "resnext101_32x8d",
+    # pretrainedmodels (Cadene) names -> timm ports of those weights
+    "se_resnet50": "legacy_seresnet50", "se_resnet101": "legacy_seresnet101", "se_resnet152": "legacy_seresnet152",
+    "se_resnext50_32x4d": "legacy_seresnext50_32x4d", "se_resnext101_32x4d": "legacy_seresnext101_32x4d",
+    "senet154": "legacy_senet154", "xception": "legacy_xception", "inceptionv4": "inception_v4",
+    "inceptionresnetv2": "inception_resnet_v2",
+}
+WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
+
+
+def resolve_arch(arch):
+    """('torchvision' | 'timm', canonical name) for a user's architecture name."""
+    import timm
+    name = ALIASES.get(arch, arch)
+    if name in TORCHVISION_ARCHS:
+        return "torchvision", name
+    if timm.is_model(name):
+        return "timm", name
+    raise UserError(f"unknown architecture {arch!r}: use a torchvision ResNet/ResNeXt "
+                    f"({', '.join(sorted(TORCHVISION_ARCHS))}) or a timm model name (timm.list_models())")
+
+
+def recipe_splitter(model):
+    """The recipe's three parameter groups for a ResNet body: stem to layer2, layer3-4, head."""
+    from fastai.torch_core import params
+    from fastcore.foundation import L
+    return L(model[0][:6], model[0][6:], model[1:]).map(params)
+
+
+def build_model(arch, n_out, pretrained=False):
+    """Body + fastai head (avg+max pool, BN, dropout 0.25, 512, ReLU, BN, dropout 0.5, n_out)."""
+    from fastai.vision.learner import create_timm_model, create_vision_model
+    import torchvision
+    kind, name = resolve_arch(arch)
+    try:
+        if kind == "torchvision":
+            return create_vision_model(getattr(torchvision.models, name), n_out, pretrained=pretrained, cut=-2)
+        return create_timm_model(name, n_out, pretrained=pretrained)[0]
+    except Exception as err:
+        if not pretrained:
+            raise
+        raise UserError(f"could not fetch ImageNet weights for {arch} ({type(err).__name__}: {str(err)[:200]}); "
+                        "pass a local file with --weights PATH, or train from scratch with --no-pretrained")
+
+
+def read_state_dict(path):
+    """Tensors from a .safetensors file or a torch file, never running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"{path}: not a weights file that can be loaded safely ({type(err).__name__}: {str(err)[:200]})")
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: does not hold a state dict of tensors")
+    return state
+
+
+def load_backbone_weights(model, arch, path):
+    """Load ImageNet-style backbone weights (a full torchvision or timm state dict) into `model[0]`."""
+    import timm
+    import torchvision
+    kind, name = resolve_arch(arch)
+    state = read_state_dict(path)
+    if kind == "torchvision":
+        full = getattr(torchvision.models, name)(weights=None)
+        try:
+            full.load_state_dict(state)
+        except RuntimeError as err:
+            raise UserError(f"{path}: these weights do not fit {name} ({str(err).splitlines()[0]})")
+        model[0].load_state_dict(nn.Sequential(*list(full.children())[:-2]).state_dict())
+    else:
+        missing, _ = model[0].model.load_state_dict(state, strict=False)
+        if missing:
+            raise UserError(f"{path}: these weights do not fit {name} (missing {len(missing)} tensors, e.g. {missing[0]})")
+
+
+def top5_accuracy(inp, targ):
+    from fastai.metrics import top_k_accuracy
+    return top_k_accuracy(inp, targ, k=min(5, inp.shape[-1]))
+
+
+LOSSES = {"ce": "CrossEntropyLossFlat", "smooth": "LabelSmoothingCrossEntropyFlat", "focal": "FocalLossFlat"}
+
+
+def make_loss(name):
+    import fastai.losses as losses
+    kwargs = {"smooth": dict(eps=0.1), "focal": dict(gamma=2.0)}.get(name, {})
+    return getattr(losses, LOSSES[name])(**kwargs)
+
+
+def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path="."):
+    """A fastai Learner as the recipe sets it: AdamW (betas 0.9/0.99, decoupled weight decay `wd`),
+    BatchNorm trained even when frozen, and the body frozen when it starts from ImageNet weights."""
+    from fastai.learner import Learner
+    from fastai.metrics import accuracy
+    from fastai.optimizer import Adam
+    kind, _ = resolve_arch(arch)
+    model = build_model(arch, dls.c, pretrained=pretrained and weights is None)
+    if weights is not None:
+        load_backbone_weights(model, arch, weights)
+    splitter = recipe_splitter if kind == "torchvision" else None
+    learn = Learner(dls, model, loss_func=make_loss(loss), opt_func=Adam, wd=wd, train_bn=True, path=path,
+                    metrics=[accuracy, top5_accuracy], **({"splitter": splitter} if splitter else {}))
+    if pretrained or weights is not None:
+        learn.freeze()
+    return learn
+
+
+# ---------------------------------------------------------------- trained models on disk
+
+def save_trained(model, folder, meta):
+    """Write model.safetensors and model.json into `folder`, each under a temporary name first."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    tmp = folder / (META_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, folder / META_FILE)
+
+
+def load_trained(folder):
+    """(model in eval mode, metadata) from a folder written by save_trained."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such model folder (train one with run.py)")
+    for name in (META_FILE, WEIGHTS_FILE):
+        if not (folder / name).is_file():
+            raise UserError(f"{folder}: incomplete model folder, {name} is missing")
+    try:
+        meta = json.loads((folder / META_FILE).read_text())
+        arch, classes, size = meta["arch"], meta["classes"], int(meta["image_size"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"{folder / META_FILE}: not a valid model description ({err})")
+    try:
+        state = load_file(str(folder / WEIGHTS_FILE))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{folder / WEIGHTS_FILE}: not a safetensors file, refusing to load it ({err})")
+    model = build_model(arch, len(classes), pretrained=False)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(f"{folder / WEIGHTS_FILE}: weights do not fit {arch} ({str(err).splitlines()[0]})")
+    return model.eval(), meta
