@@ -95,7 +95,7 @@ def read_table(path, need_labels=True):
     if need_labels:
         if not pd.api.types.is_numeric_dtype(df["class_id"]) or df["class_id"].isna().any():
             bad = df.index[pd.to_numeric(df["class_id"], errors="coerce").isna()][0]
-            raise UserError(f"{path}, row {bad + 2}: class_id {df['class_id'][bad]!r} is not a number")
+            raise UserError(f"{path}, row {bad + 1}: class_id {df['class_id'][bad]!r} is not a number")
         df["class_id"] = df["class_id"].astype(int)
         if "class_name" not in df.columns:
             df["class_name"] = df["class_id"].astype(str)
@@ -161,12 +161,13 @@ def valid_indices(n, valid_pct, seed):
 
 
 def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False, margin=0.16,
-            balance=False, augment=True, workers=None, device=None, stats=IMAGENET_STATS):
+            balance=False, augment=True, workers=None, device=None, stats=IMAGENET_STATS, draft=True):
     """fastai DataLoaders for a prepared train.csv.
 
     Labels are the class ids, so the model's classes are in class-id order. Augmentation is
     fastai's default (flip, rotate 10°, zoom 1.1, lighting 0.2, warp 0.2) run on the batch,
-    on the GPU when there is one; then ImageNet normalization. `valid_pct=0` trains on all rows."""
+    on the GPU when there is one; then ImageNet normalization. `valid_pct=0` trains on all rows.
+    `draft=False` decodes every JPEG at full size (only to measure what draft decoding saves)."""
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter,
                                    Normalize, Resize, aug_transforms)
     import fastai.callback.data  # noqa: F401  (adds DataBlock.weighted_dataloaders)
@@ -176,7 +177,7 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
         raise UserError(f"{df.attrs.get('folder', 'train.csv')}: --crop-bbox needs bounding boxes, and this dataset has none")
     batch_tfms = [*(aug_transforms() if augment else []), Normalize.from_stats(*stats)]
     block = DataBlock(blocks=(ImageBlock, CategoryBlock),
-                      get_x=ImageReader(df.attrs["folder"], size, crop_bbox, margin),
+                      get_x=ImageReader(df.attrs["folder"], size if draft else None, crop_bbox, margin),
                       get_y=ColReader("class_id"),
                       splitter=IndexSplitter(valid_indices(len(df), valid_pct, seed)),
                       item_tfms=Resize(size), batch_tfms=batch_tfms)
@@ -187,7 +188,20 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
     return block.dataloaders(df, **kwargs)
 
 
-def test_dl(dls, df, bs=None, with_labels=True):
+def inference_dl(df, folder, size, bs=64, stats=IMAGENET_STATS, crop_bbox=False, margin=0.16, workers=None, device=None):
+    """(DataLoaders, loader): the loader goes over every row of `df` (`filename` relative to `folder`), in order, once,
+    resized as validation images are (centre crop) and normalized, with no labels.
+
+    The training augmentation is attached too but applies only under test-time augmentation."""
+    from fastai.vision.all import DataBlock, ImageBlock, IndexSplitter, Normalize, Resize, aug_transforms
+    block = DataBlock(blocks=(ImageBlock,), get_x=ImageReader(folder, size, crop_bbox, margin),
+                      splitter=IndexSplitter([]), item_tfms=Resize(size),
+                      batch_tfms=[*aug_transforms(), Normalize.from_stats(*stats)])
+    dls = block.dataloaders(df, bs=bs, num_workers=default_workers() if workers is None else workers, device=device)
+    return dls, dls.test_dl(df, bs=bs, shuffle=False, drop_last=False)
+
+
+def eval_dl(dls, df, bs=None, with_labels=True):
     """A loader over every row of `df`, in order, once, with no augmentation (validation transforms)."""
     return dls.test_dl(df, with_labels=with_labels, bs=bs or dls.bs, shuffle=False, drop_last=False)
 

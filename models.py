@@ -47,12 +47,13 @@ def recipe_splitter(model):
 
 def build_model(arch, n_out, pretrained=False):
     """Body + fastai head (avg+max pool, BN, dropout 0.25, 512, ReLU, BN, dropout 0.5, n_out)."""
-    from fastai.vision.learner import create_timm_model, create_vision_model
+    from fastai.vision.learner import add_head, create_body, create_timm_model, num_features_model
     import torchvision
     kind, name = resolve_arch(arch)
     try:
-        if kind == "torchvision":
-            return create_vision_model(getattr(torchvision.models, name), n_out, pretrained=pretrained, cut=-2)
+        if kind == "torchvision":  # fastai's model_meta lacks the ResNeXts, so cut and head are set here
+            body = create_body(getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None), cut=-2)
+            return add_head(body, num_features_model(body), n_out)
         return create_timm_model(name, n_out, pretrained=pretrained)[0]
     except Exception as err:
         if not pretrained:

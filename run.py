@@ -16,6 +16,9 @@ import cli
 from cli import UserError
 
 
+RUN_FILES = ("progress.json", "history.csv", "checkpoint.pth", "model.safetensors", "metrics.json")
+
+
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     cli.add_data(p)
@@ -48,12 +51,12 @@ def recipe_stages(args):
 
 def score(learn, test_df):
     """Top-1 and top-5 accuracy over every row of the test CSV, once each, without augmentation."""
-    from data import test_dl
+    from data import eval_dl
     vocab = list(learn.dls.vocab)
     unknown = test_df.index[~test_df["class_id"].isin(vocab)]
     if len(unknown):
-        raise UserError(f"test.csv, row {unknown[0] + 2}: class_id {test_df['class_id'][unknown[0]]} never occurs in train.csv")
-    preds, targets = learn.get_preds(dl=test_dl(learn.dls, test_df))
+        raise UserError(f"test.csv, row {unknown[0] + 1}: class_id {test_df['class_id'][unknown[0]]} never occurs in train.csv")
+    preds, targets = learn.get_preds(dl=eval_dl(learn.dls, test_df))
     top5 = preds.topk(min(5, preds.shape[1]), dim=1).indices
     return {"test_top1": float((top5[:, 0] == targets).float().mean()),
             "test_top5": float((top5 == targets[:, None]).any(1).float().mean()), "test_images": len(targets)}
@@ -78,7 +81,7 @@ def main(argv=None):
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir():
         raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    if any((out / name).exists() for name in RUN_FILES) and not args.resume:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
     if args.resume and not (out / "progress.json").exists():
         raise UserError(f"{out}: nothing to resume (no progress.json)")

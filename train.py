@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.progress import ProgressCallback
@@ -90,7 +91,7 @@ class EpochRecord(Callback):
                "seconds": round(time.time() - self.started, 2)}
         self._append_history(row)
         state = {"model": self.learn.model.state_dict(),
-                 "opt": {"state": list(self.opt.state_dict()["state"]), "hypers": [dict(h) for h in self.opt.hypers]}}
+                 "opt": _plain({"state": list(self.opt.state_dict()["state"]), "hypers": [dict(h) for h in self.opt.hypers]})}
         _atomic_save(state, self.out / CHECKPOINT)
         progress = _read_progress(self.out)
         if has_valid and row["accuracy"] != "" and row["accuracy"] > progress.get("best_accuracy", -1):
@@ -111,6 +112,20 @@ class EpochRecord(Callback):
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def _plain(obj):
+    """numpy scalars and arrays (fastai keeps learning rates as numpy) as Python values and tensors,
+    so that the checkpoint loads with weights_only=True."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
 
 
 def _num(value):

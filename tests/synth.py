@@ -1,7 +1,7 @@
 """Generate small Stanford-Cars-format datasets for tests, the demo and the benchmark.
 
 Each image is a toy car on a noisy background: body colour, size and position are random; the
-class is told only by small details (roof shape, wheel colour, a side stripe), so the set is
+class is told only by small details (roof shape and window tint, wheel colour, a side stripe), so the set is
 fine-grained but learnable. Files are real: JPEGs of varied sizes (some grayscale), `.mat`
 annotations written with scipy.io.savemat, in each layout of REFERENCE.md §3.
 
@@ -36,20 +36,23 @@ def class_names(n):
 def draw_car(rng, class_id, width, height, grayscale=False):
     """One toy car of class `class_id` (1-based); returns the image and its bounding box."""
     k = class_id - 1
-    noise = rng.integers(90, 200, size=(height, width, 3), dtype=np.uint8)
+    noise = rng.integers(115, 175, size=(height, width, 3), dtype=np.uint8)
     im = Image.fromarray(noise)
     d = ImageDraw.Draw(im)
-    bw, bh = int(width * rng.uniform(0.55, 0.8)), int(height * rng.uniform(0.3, 0.45))
-    x1 = int(rng.integers(0, width - bw)); y1 = int(rng.integers(bh // 2 + 2, height - bh - bh // 3))
-    body = tuple(int(c) for c in rng.integers(0, 256, 3))
+    bw, bh = int(width * rng.uniform(0.5, 0.7)), int(height * rng.uniform(0.3, 0.4))
+    margin = int(0.08 * width)
+    x1 = int(rng.integers(margin, width - bw - margin)); y1 = int(rng.integers(bh // 2 + 2, height - bh - bh // 2))
+    body = tuple(int(c) for c in rng.integers(60, 200, 3))  # never as dark, light or saturated as a wheel
     d.rectangle([x1, y1, x1 + bw, y1 + bh], fill=body)
     roof_h = bh // 2
     if k % 2 == 0:   # sedan roof: a trapezoid; otherwise a boxy van roof
         d.polygon([(x1 + bw // 4, y1), (x1 + bw // 3, y1 - roof_h), (x1 + 2 * bw // 3, y1 - roof_h), (x1 + 3 * bw // 4, y1)], fill=body)
     else:
         d.rectangle([x1 + bw // 8, y1 - roof_h, x1 + 7 * bw // 8, y1], fill=body)
+    window = (170, 225, 255) if k % 2 == 0 else (45, 45, 70)  # clear or tinted glass, with the roof
+    d.rectangle([x1 + 3 * bw // 8, y1 - roof_h * 3 // 4, x1 + 5 * bw // 8, y1 - 1], fill=window)
     wheel = WHEEL_COLOURS[(k // 2) % len(WHEEL_COLOURS)]
-    r = max(bh // 3, 2)
+    r = max(int(bh / 2.4), 2)
     for cx in (x1 + bw // 5, x1 + 4 * bw // 5):
         d.ellipse([cx - r, y1 + bh - r, cx + r, y1 + bh + r], fill=wheel)
     if (k // 8) % 2:  # a side stripe tells the next eight classes apart
@@ -65,7 +68,7 @@ def make_samples(n_classes=6, train_per_class=20, test_per_class=10, min_size=64
         ids = [c for c in range(1, n_classes + 1) for _ in range(per_class)]
         random.Random(seed + len(split)).shuffle(ids)
         for number, cid in enumerate(ids, 1):
-            w = int(rng.integers(min_size, max_size + 1)); h = int(w * rng.uniform(0.6, 0.8))
+            w = int(rng.integers(min_size, max_size + 1)); h = int(w * rng.uniform(0.75, 0.95))
             im, box = draw_car(rng, cid, w, max(h, 48), grayscale=(number % 7 == 0))
             samples.append(Sample(split, number, im, box, cid))
     return samples
@@ -128,6 +131,9 @@ def write_layout(samples, out, layout="original", n_classes=None):
                              {"annotations": _struct([r[:4] + r[5:] for r in rows], [*box_fields, "fname"])})
             scipy.io.savemat(out / "cars_test_annos_withlabels.mat", {"annotations": with_class})
     scipy.io.savemat(devkit / "cars_meta.mat", {"class_names": _cells(names)})
+    # the hold-out CSV of the original test.py: devkit columns, no header, the label in column 5
+    rows = [f"{s.number:05d}.jpg,{','.join(map(str, s.bbox))},{s.class_id}" for s in samples if s.split == "test"]
+    (out / "cars_test_labels.csv").write_text("\n".join(rows) + "\n")
     return out
 
 

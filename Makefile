@@ -1,0 +1,48 @@
+# Fine-grained image classification with fastai. `make` prepares Stanford Cars; see README.md.
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+DATASET     ?= cars
+DATA_DIR    ?= data
+SOURCE      ?=
+DEMO_DIR    ?= demo
+DATASET_DIR_cars     := stanford_cars
+DATASET_DIR_aircraft := fgvc_aircraft
+DATASET_DIR_cub      := cub_200_2011
+
+.PHONY: data install demo test reproduce clean
+.DEFAULT_GOAL := data
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+# Download (or, with SOURCE=path, import) the dataset into $(DATA_DIR)/<dataset>/{train,test}.csv
+data: install
+	$(PY) data.py --dataset $(DATASET) --root $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))
+
+# The published recipe: ResNeXt50, 20 frozen + 40 unfrozen epochs at 224 px, 40 at 299 px, then the test set
+reproduce: data
+	$(PY) run.py --data $(DATA_DIR)/$(DATASET_DIR_$(DATASET)) --out runs/$(DATASET)_resnext50
+
+# A small generated fine-grained set, the same three-stage recipe scaled down, on the CPU in a few minutes
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(PY) tests/synth.py --out $(DEMO_DIR)/source --classes 6 --train-per-class 60 --test-per-class 25
+	$(PY) data.py --dataset cars --root $(DEMO_DIR)/data --source $(DEMO_DIR)/source
+	$(PY) lr_find.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained --size 64 --bs 16 --num-it 40 --out $(DEMO_DIR)/run
+	$(PY) run.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained \
+	    --epochs 1,6,2 --sizes 64,96 --bs 16,16 --out $(DEMO_DIR)/run
+	$(PY) test.py --model $(DEMO_DIR)/run --folder $(DEMO_DIR)/source/cars_test \
+	    --csv $(DEMO_DIR)/source/cars_test_labels.csv --label-col 5 --out $(DEMO_DIR)/run/holdout_predictions.csv
+	@echo "plots and predictions: $(DEMO_DIR)/run (loss_plot_frozen.png, holdout_predictions*.{csv,png})"
+
+test: install
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(DEMO_DIR) runs .pytest_cache

@@ -1,0 +1,281 @@
+"""Score a trained model on a hold-out folder of images with a CSV of labels, or predict a folder.
+
+    python test.py --model runs/NAME --folder DIR --csv labels.csv [--label-col COL] [--fname-col COL]
+    python test.py --model runs/NAME --folder DIR          # predictions only, every image in DIR
+    python test.py --model runs/NAME --folder photo.jpg    # one image
+
+Every row is scored once, in the CSV's order, at the model's image size, without augmentation
+(unless --tta). Labels may be class ids or class names; they are matched to the model's classes
+by value. Written: the predictions CSV (--out), <out>_per_class.csv and <out>_confusion.png."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import cli
+from cli import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+FNAME_NAMES = ("filename", "fname", "file", "image", "path", "relative_im_path")
+BOX_COLUMNS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
+LABEL_NAMES = ("class_id", "class_name", "label", "class", "labels", "category", "target")
+
+
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True, help="trained model folder (model.safetensors + model.json, from run.py)")
+    p.add_argument("--folder", required=True, help="folder of hold-out images (CSV file names are relative to it), or one image")
+    p.add_argument("--csv", default=None, help="CSV naming the images and their labels; without it every image in --folder is predicted")
+    p.add_argument("--fname-col", default=None, help="column of file names: a name or a 0-based index (default: 'filename' or the first)")
+    p.add_argument("--label-col", default=None,
+                   help="column of labels (class ids or names): a name, a 0-based index, or 'none' (default: found by name)")
+    p.add_argument("--out", default="predictions.csv", help="predictions CSV; per-class CSV and confusion PNG are written beside it")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (fastai's tta: flips, crops and the training transforms)")
+    p.add_argument("--bs", type=int, default=64, help="batch size")
+    p.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or unreadable (each is reported) instead of stopping")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: all CPU cores, at most 16)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- reading the hold-out set
+
+def _column(df, spec, what, csv):
+    """A column name from a name or a 0-based index given on the command line."""
+    if spec in df.columns:
+        return spec
+    if str(spec).lstrip("-").isdigit():
+        i = int(spec)
+        if 0 <= i < len(df.columns):
+            return df.columns[i]
+        raise UserError(f"{csv}: --{what}-col {spec} is out of range (the CSV has {len(df.columns)} columns, 0..{len(df.columns) - 1})")
+    raise UserError(f"{csv}: --{what}-col {spec!r} is not a column (columns: {', '.join(map(str, df.columns))})")
+
+
+def read_holdout(csv, folder, fname_col=None, label_col=None):
+    """(DataFrame with `filename` and maybe `label`) from a CSV with or without a header row.
+
+    The first row is a header unless its file-name cell names an image that exists in `folder`."""
+    csv, folder = Path(csv), Path(folder)
+    if not csv.is_file():
+        raise UserError(f"{csv}: no such CSV file")
+    try:
+        first = pd.read_csv(csv, header=None, nrows=1, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{csv}: the CSV is empty")
+    fname_index = int(fname_col) if fname_col is not None and str(fname_col).isdigit() else 0
+    headerless = fname_index < first.shape[1] and (folder / str(first.iloc[0, fname_index])).is_file()
+    try:
+        df = pd.read_csv(csv, header=None if headerless else 0, keep_default_na=False, na_values=[""])
+    except Exception as err:
+        raise UserError(f"{csv}: not a readable CSV ({err})")
+    if df.empty:
+        raise UserError(f"{csv}: the CSV has no rows")
+    if fname_col is None:
+        fname_col = next((c for c in df.columns if str(c).lower() in FNAME_NAMES), df.columns[0])
+    fname_col = _column(df, fname_col, "fname", csv)
+    if label_col is None:
+        label_col = next((c for name in LABEL_NAMES for c in df.columns if str(c).lower() == name), None)
+        if label_col is None:
+            print(f"note: {csv}: no label column found by name; predicting only (pass --label-col to score)", file=sys.stderr)
+    elif str(label_col).lower() == "none":
+        label_col = None
+    else:
+        label_col = _column(df, label_col, "label", csv)
+    out = pd.DataFrame({"filename": df[fname_col].astype(str)})
+    if label_col is not None:
+        out["label"] = df[label_col]
+    for box_col in BOX_COLUMNS:  # used only by models trained with --crop-bbox
+        if box_col in df.columns:
+            out[box_col] = df[box_col]
+    out.attrs["csv"] = str(csv)
+    return out
+
+
+def list_images(folder):
+    """DataFrame of every image in `folder` (recursively), or of the one image `folder` names."""
+    folder = Path(folder)
+    if folder.is_file():
+        return pd.DataFrame({"filename": [folder.name]}), folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder or image")
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return pd.DataFrame({"filename": files}), folder
+
+
+def match_labels(labels, classes, csv):
+    """Model output index for each label, matched by class id or class name, never by position."""
+    by_id = {int(c["id"]): i for i, c in enumerate(classes)}
+    by_name = {str(c["name"]).strip().lower(): i for i, c in enumerate(classes)}
+    indices = []
+    for row, value in enumerate(labels):
+        text = str(value).strip()
+        index = None
+        try:
+            number = float(text)
+            if number.is_integer():
+                index = by_id.get(int(number))
+        except ValueError:
+            pass
+        if index is None:
+            index = by_name.get(text.lower())
+        if index is None:
+            raise UserError(f"{csv}, row {row + 1}: label {text!r} is not a class of this model "
+                            f"(ids {min(by_id)}..{max(by_id)}, or a class name)")
+        indices.append(index)
+    return np.array(indices)
+
+
+def bad_images(df, folder, skip_bad, where):
+    """Row positions whose image is missing or does not decode: an error at the first, or under
+    --skip-bad each reported and returned for dropping."""
+    from prepare.tables import check_image
+    from concurrent.futures import ProcessPoolExecutor
+    paths = [Path(folder) / f for f in df["filename"]]
+    if len(paths) > 200 and (os.cpu_count() or 1) > 1:
+        with ProcessPoolExecutor(min(os.cpu_count(), 8)) as pool:
+            reasons = list(pool.map(check_image, paths, chunksize=64))
+    else:
+        reasons = [check_image(p) for p in paths]
+    bad = [i for i, r in enumerate(reasons) if r]
+    for i in bad:
+        message = f"{where}, row {i + 1}: {paths[i]}: {reasons[i]}"
+        if not skip_bad:
+            raise UserError(message + " (pass --skip-bad to skip such rows)")
+        print(f"skipped: {message}", file=sys.stderr)
+    return bad
+
+
+# ---------------------------------------------------------------- predicting and reporting
+
+def predict(model, meta, df, folder, bs, tta=False, workers=None):
+    """Class probabilities for every row of `df`, in order."""
+    from fastai.learner import Learner
+    from fastai.losses import CrossEntropyLossFlat
+    from data import inference_dl
+    from train import show_bars
+    stats = (meta["normalize"]["mean"], meta["normalize"]["std"])
+    crop = bool(meta.get("crop_bbox")) and all(c in df.columns for c in BOX_COLUMNS)
+    if meta.get("crop_bbox") and not crop:
+        print("note: the model was trained on box crops, but the CSV has no bbox_x1..bbox_y2 columns: scoring whole images",
+              file=sys.stderr)
+    dls, dl = inference_dl(df, folder, int(meta["image_size"]), bs, stats, crop, meta.get("bbox_margin", 0.16), workers)
+    learn = Learner(dls, model.to(dls.device), loss_func=CrossEntropyLossFlat())
+    show_bars(learn, sys.stdout.isatty())
+    probs = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
+    return probs.float()
+
+
+def confusion_png(true, pred, classes, path, most=20):
+    """The confusion matrix over the `most` classes involved in the most errors, labelled, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    n = len(classes)
+    matrix = np.bincount(true * n + pred, minlength=n * n).reshape(n, n)
+    errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)
+    keep = np.sort(np.argsort(-errors, kind="stable")[: min(most, n)])
+    sub = matrix[np.ix_(keep, keep)]
+    names = [f"{classes[i]['id']}: {str(classes[i]['name'])[:28]}" for i in keep]
+    size = 3 + 0.32 * len(keep)
+    fig, ax = plt.subplots(figsize=(size + 2, size))
+    ax.imshow(sub, cmap="Blues")
+    ax.set_xticks(range(len(keep)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(keep)), names, fontsize=7)
+    for (r, c), v in np.ndenumerate(sub):
+        if v:
+            ax.text(c, r, str(v), ha="center", va="center", fontsize=6, color="white" if v > sub.max() / 2 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"Confusion among the {len(keep)} classes with the most errors (of {n})")
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_csv(df, path):
+    tmp = Path(str(path) + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def report(df, probs, classes, true, out):
+    """Write the predictions (and, with labels, per-class accuracy and the confusion PNG); print the scores."""
+    k = min(5, probs.shape[1])
+    conf, top = probs.topk(k, dim=1)
+    top = top.numpy()
+    ids = np.array([int(c["id"]) for c in classes])
+    names = np.array([str(c["name"]) for c in classes])
+    preds = pd.DataFrame({"filename": df["filename"]})
+    if true is not None:
+        preds["true_id"], preds["true_name"] = ids[true], names[true]
+    preds["pred_id"], preds["pred_name"] = ids[top[:, 0]], names[top[:, 0]]
+    preds["confidence"] = conf[:, 0].numpy().round(6)
+    preds["top5_ids"] = [";".join(map(str, ids[row])) for row in top]
+    if true is not None:
+        preds["correct"] = top[:, 0] == true
+    write_csv(preds, out)
+    print(f"images: {len(df)}")
+    if true is None:
+        for _, r in preds.head(20).iterrows():
+            print(f"{r['filename']}: {r['pred_id']} {r['pred_name']} ({r['confidence']:.3f})")
+        print(f"predictions: {out}")
+        return None
+    top1 = float((top[:, 0] == true).mean())
+    top5 = float((top == true[:, None]).any(1).mean())
+    print(f"accuracy: {top1:.4f}")
+    print(f"top-5 accuracy: {top5:.4f}")
+    per_class = preds.groupby(["true_id", "true_name"], sort=False)["correct"].agg(images="count", correct="sum").reset_index()
+    per_class["accuracy"] = (per_class["correct"] / per_class["images"]).round(4)
+    stem = Path(out).with_suffix("")
+    write_csv(per_class.sort_values(["accuracy", "true_id"]).rename(columns={"true_id": "class_id", "true_name": "class_name"}),
+              f"{stem}_per_class.csv")
+    confusion_png(true, top[:, 0], classes, f"{stem}_confusion.png")
+    wrong = preds[~preds["correct"]]
+    pairs = wrong.groupby(["true_name", "pred_name"]).size().sort_values(ascending=False).head(5)
+    if len(pairs):
+        print("most confused (true -> predicted: images):")
+        for (t, p), n in pairs.items():
+            print(f"  {t} -> {p}: {n}")
+    print(f"predictions: {out}; per class: {stem}_per_class.csv; confusion: {stem}_confusion.png")
+    return top1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from models import load_trained
+    model, meta = load_trained(args.model)
+    out = Path(args.out)
+    stem = out.with_suffix("")
+    for path in (out, Path(f"{stem}_per_class.csv"), Path(f"{stem}_confusion.png")):
+        if path.exists() and not args.overwrite:
+            raise UserError(f"{path}: already exists; pass --overwrite or choose another --out")
+    if args.csv:
+        if not Path(args.folder).is_dir():
+            raise UserError(f"{args.folder}: no such folder")
+        df, folder = read_holdout(args.csv, args.folder, args.fname_col, args.label_col), Path(args.folder)
+    else:
+        df, folder = list_images(args.folder)
+    where = args.csv or str(folder)
+    true = match_labels(df["label"], meta["classes"], where) if "label" in df else None
+    bad = bad_images(df, folder, args.skip_bad, where)
+    if len(bad) == len(df):
+        raise UserError(f"{where}: no readable images left to score")
+    if bad:
+        df = df.drop(index=df.index[bad]).reset_index(drop=True)
+        true = None if true is None else np.delete(true, bad)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    probs = predict(model, meta, df, folder, args.bs, args.tta, args.workers)
+    report(df, probs, meta["classes"], true, out)
+    if bad:
+        print(f"skipped {len(bad)} unreadable or missing image(s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    cli.run(main)

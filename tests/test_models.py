@@ -1,0 +1,111 @@
+"""models.py: backbones by name, the recipe's parameter groups and rates, frozen BatchNorm
+training, local weights, offline pretrained weights, and pickle-free saving."""
+import pickle
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from cli import UserError
+from data import get_dls
+from models import (create_learner, load_backbone_weights, load_trained, read_state_dict, resolve_arch,
+                    save_trained)
+from train import group_lrs, n_groups
+
+
+@pytest.fixture(scope="module")
+def dls(prepared):
+    return get_dls(prepared / "train.csv", size=32, bs=8, workers=0)
+
+
+def test_names_resolve_to_torchvision_or_timm():
+    assert resolve_arch("resnext50_32x4d") == ("torchvision", "resnext50_32x4d")
+    assert resolve_arch("resnext101") == ("torchvision", "resnext101_32x8d")
+    assert resolve_arch("se_resnext50_32x4d") == ("timm", "legacy_seresnext50_32x4d")
+    assert resolve_arch("efficientnet_b3") == ("timm", "efficientnet_b3")
+    with pytest.raises(UserError, match="unknown architecture 'resnet19'"):
+        resolve_arch("resnet19")
+
+
+def test_recipe_head_groups_and_rates(dls):
+    learn = create_learner(dls, "resnext50_32x4d", pretrained=False)
+    head = learn.model[1]
+    linears = [m for m in head if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(4096, 512), (512, 4)]
+    assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.25, 0.5]
+    groups = learn.splitter(learn.model)
+    body = learn.model[0]
+    assert len(groups) == 3 == n_groups(learn)
+    assert {id(p) for p in groups[0]} == {id(p) for p in body[:6].parameters()}
+    assert {id(p) for p in groups[1]} == {id(p) for p in body[6:].parameters()}
+    assert group_lrs(1e-2) == pytest.approx([1e-2 / 9, 1e-2 / 3, 1e-2])
+
+
+def test_frozen_stage_trains_only_head_and_batchnorm(dls):
+    learn = create_learner(dls, "resnet18", pretrained=False)
+    learn.freeze()
+    before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
+    learn.fit_one_cycle(1, group_lrs(1e-2))
+    hypers = learn.opt.hypers
+    assert [h["wd"] for h in hypers] == [1e-3] * 3 and hypers[0]["sqr_mom"] == 0.99  # AdamW as the recipe sets it
+    bn = {f"0.{n}" for n, m in learn.model[0].named_modules() if isinstance(m, nn.BatchNorm2d)}
+    for name, p in learn.model.named_parameters():
+        changed = not torch.equal(before[name], p.detach())
+        in_bn = name.rsplit(".", 1)[0] in bn
+        if name.startswith("1.") or in_bn:
+            assert changed, f"{name} should train while frozen"
+        else:
+            assert not changed, f"{name} is frozen but changed"
+
+
+def test_local_backbone_weights_are_loaded(dls, tmp_path):
+    reference = torchvision.models.resnet18(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "resnet18.pth")
+    learn = create_learner(dls, "resnet18", weights=tmp_path / "resnet18.pth")
+    assert torch.equal(learn.model[0][0].weight, reference.conv1.weight)
+    assert torch.equal(learn.model[0][7][1].conv2.weight, reference.layer4[1].conv2.weight)
+    with pytest.raises(UserError, match="do not fit resnet34"):
+        create_learner(dls, "resnet34", weights=tmp_path / "resnet18.pth")
+
+
+def test_timm_backbone_trains(dls):
+    learn = create_learner(dls, "resnet10t", pretrained=False)
+    learn.fit(1, 1e-3)
+    assert learn.model[0].__class__.__name__ == "TimmBody"
+
+
+class Payload:
+    def __reduce__(self):
+        return (eval, ("__import__('pathlib').Path('PWNED').write_text('x')",))
+
+
+def test_weights_file_with_pickled_code_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"conv1.weight": Payload()}, f)
+    with pytest.raises(UserError, match="not a weights file that can be loaded safely"):
+        read_state_dict(tmp_path / "evil.pth")
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_no_network_for_pretrained_weights_says_what_to_do(dls, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: "/nonexistent-hub-dir")
+    with pytest.raises(UserError, match="could not fetch ImageNet weights for resnet18.*--weights PATH.*--no-pretrained"):
+        create_learner(dls, "resnet18", pretrained=True)
+
+
+def test_saved_model_round_trips_without_pickle(dls, tmp_path):
+    learn = create_learner(dls, "resnet18", pretrained=False)
+    meta = {"arch": "resnet18", "classes": [{"id": i, "name": str(i)} for i in range(1, 5)], "image_size": 32,
+            "normalize": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    save_trained(learn.model, tmp_path / "m", meta)
+    model, loaded = load_trained(tmp_path / "m")
+    x = torch.randn(2, 3, 32, 32)
+    learn.model.eval()
+    assert loaded == meta and torch.allclose(model(x), learn.model(x), atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
