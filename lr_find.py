@@ -27,7 +27,10 @@ def parse_args(argv=None):
     p.add_argument("--wd", type=float, default=1e-3, help="AdamW weight decay")
     cli.add_common_training(p)
     p.add_argument("--out", default=".", help="folder for loss_plot_<stage>.png and lr_find_<stage>.json")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.num_it < 30:
+        p.error(f"--num-it must be at least 30 (fastai's suggestions need that many points), got {args.num_it}")
+    return args
 
 
 def main(argv=None):
@@ -60,7 +63,11 @@ def main(argv=None):
     print(f"LR range test, {args.stage} {arch} on {use_device(learn)}")
     funcs = (minimum, steep, valley, slide)
     # fastai draws the plot with the suggestions marked only inside lr_find (plot_lr_find returns no figure)
-    found = learn.lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it, show_plot=True, suggest_funcs=funcs)
+    try:
+        found = learn.lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it, show_plot=True, suggest_funcs=funcs)
+    except IndexError:  # fastai's suggestion functions, when the loss diverged after only a few points
+        raise UserError(f"the loss diverged after {len(learn.recorder.losses)} of {args.num_it} learning rates, too few to "
+                        f"suggest one; try a smaller --end-lr (now {args.end_lr:g}) or a larger --num-it")
     names = [f.__name__ for f in funcs]
     fig = plt.gcf()
     fig.axes[0].set_title(f"LR range test: {arch}, {args.stage}, {args.size} px")

@@ -191,7 +191,8 @@ def confusion_png(true, pred, classes, path, most=20):
             ax.text(c, r, str(v), ha="center", va="center", fontsize=6, color="white" if v > sub.max() / 2 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"Confusion among the {len(keep)} classes with the most errors (of {n})")
+    ax.set_title(f"Confusion matrix, {n} classes" if len(keep) == n else
+                 f"Confusion among the {len(keep)} classes with the most errors (of {n})")
     fig.tight_layout()
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=110)

@@ -9,7 +9,8 @@ images/s (timed after `--warmup` batches) and peak memory:
   ceiling   the model alone: a training step on random tensors already on the device,
             in the project's precision and memory format (bf16 + channels-last on a GPU)
   project   the project's unfrozen training stage (data.get_dls + models.create_learner + fastai), from JPEGs
-  nodraft   the same with full-size JPEG decoding (what draft decoding saves)
+  loader    the project's training DataLoader alone (decode, resize, augment), no model
+  loader_nodraft  the same decoding every JPEG at full size: what draft decoding saves
   plain     a plain PyTorch loop as in seeds/003-004: torchvision transforms on PIL images,
             DataLoader workers, fp32, NCHW, SGD
 and the same for scoring (test.py's path against a plain eval loop). Ratios: project/plain,
@@ -27,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-TRAIN_MODES = ("ceiling", "project", "nodraft", "plain")
+TRAIN_MODES = ("ceiling", "project", "plain", "loader", "loader_nodraft")
 SCORE_MODES = ("score_project", "score_plain")
 
 
@@ -116,6 +117,17 @@ def run_project(args, size, bs, device, draft=True):
     epochs = -(-(args.warmup + args.steps + 1) // len(dls.train)) + 1
     learn.fit_one_cycle(epochs, 1e-4, cbs=Stop())
     return timer.rate()
+
+
+def run_loader(args, size, bs, device, draft=True):
+    """The project's training batches alone, augmentation included, as the model would receive them."""
+    from data import get_dls
+    dls = get_dls(Path(args.data) / "train.csv", size, bs, workers=args.workers, draft=draft, device=device)
+    timer = Timer(args.warmup, args.steps, bs, device)
+    while True:
+        for _ in dls.train:
+            if timer.tick():
+                return timer.rate()
 
 
 def plain_dataset(args, size, train):
@@ -207,7 +219,7 @@ def child(args):
     warnings.filterwarnings("ignore")
     device = device_setup()
     runner = {"ceiling": run_ceiling, "project": run_project, "plain": run_plain,
-              "nodraft": lambda *a: run_project(*a, draft=False),
+              "loader": run_loader, "loader_nodraft": lambda *a: run_loader(*a, draft=False),
               "score_project": run_score_project, "score_plain": run_score_plain}[args.mode]
     rate = runner(args, args.size, args.bs[0], device)
     print(json.dumps({"mode": args.mode, "size": args.size, "images_per_s": rate, "peak_mib": peak_mib(device),
@@ -267,7 +279,9 @@ def print_table(results, args):
         for r in (r for r in results if r["size"] == size):
             ratio = ""
             if r["mode"] == "project":
-                ratio = "  ".join(f"project/{b} {rate['project'] / rate[b]:.2f}" for b in ("plain", "ceiling", "nodraft") if b in rate)
+                ratio = "  ".join(f"project/{b} {rate['project'] / rate[b]:.2f}" for b in ("plain", "ceiling") if b in rate)
+            if r["mode"] == "loader" and "loader_nodraft" in rate:
+                ratio = f"draft/nodraft {rate['loader'] / rate['loader_nodraft']:.2f}"
             if r["mode"] == "score_project" and "score_plain" in rate:
                 ratio = f"project/plain {rate['score_project'] / rate['score_plain']:.2f}"
             print(f"{size:>5} {r['mode']:>14} {r['images_per_s']:>10.1f} {r['peak_mib']:>10.0f}  {ratio}")

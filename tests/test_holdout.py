@@ -138,3 +138,11 @@ def test_model_file_with_pickled_code_is_refused(trained, holdout_copy, tmp_path
     with pytest.raises(UserError, match="not a safetensors file, refusing to load it"):
         run_bad(tampered, folder, csv, tmp_path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_tta_scores_every_row(trained, prepared, tmp_path, capsys):
+    acc, _ = score(capsys, "--model", trained, "--folder", prepared, "--csv", prepared / "test.csv", "--tta",
+                   "--out", tmp_path / "t.csv", "--workers", 0)
+    preds = pd.read_csv(tmp_path / "t.csv")
+    assert len(preds) == len(pd.read_csv(prepared / "test.csv")) and 0 <= acc <= 1
+    assert acc == round(float(preds["correct"].mean()), 4)

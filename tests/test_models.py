@@ -109,3 +109,11 @@ def test_saved_model_round_trips_without_pickle(dls, tmp_path):
     learn.model.eval()
     assert loaded == meta and torch.allclose(model(x), learn.model(x), atol=1e-6)
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_loss_choices():
+    from fastai.losses import CrossEntropyLossFlat, FocalLossFlat, LabelSmoothingCrossEntropyFlat
+    from models import make_loss
+    assert isinstance(make_loss("ce"), CrossEntropyLossFlat)
+    assert isinstance(make_loss("smooth"), LabelSmoothingCrossEntropyFlat) and make_loss("smooth").func.eps == 0.1
+    assert isinstance(make_loss("focal"), FocalLossFlat) and make_loss("focal").func.gamma == 2.0

@@ -81,3 +81,26 @@ def test_bad_inputs_give_one_clear_line(prepared, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: unknown architecture 'resnet19'")
     assert len([l for l in result.stderr.splitlines() if l.strip()]) == 1
+
+
+def test_validation_split_keeps_the_best_model(prepared, tmp_path):
+    out = tmp_path / "valid"
+    run.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--epochs", "1,2,0", "--sizes", "32,32",
+              "--bs", "16,16", "--valid-pct", "0.25", "--workers", "0", "--out", str(out), "--loss", "smooth"])
+    history = pd.read_csv(out / "history.csv")
+    assert len(history) == 3 and history["accuracy"].notna().all() and history["valid_loss"].notna().all()
+    progress = json.loads((out / "progress.json").read_text())
+    assert progress["best_accuracy"] == pytest.approx(history["accuracy"].max())
+    assert set(torch.load(out / "best.pth", weights_only=True)) == set(load_file(out / "model.safetensors"))
+    assert json.loads((out / "model.json").read_text())["image_size"] == 32  # no resized stage
+
+
+def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
+    import lr_find
+    lr_find.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--stage", "unfrozen",
+                  "--size", "32", "--bs", "8", "--num-it", "30", "--workers", "0", "--out", str(tmp_path)])
+    suggestions = json.loads((tmp_path / "lr_find_unfrozen.json").read_text())
+    assert set(suggestions) == {"minimum", "steep", "valley", "slide"}
+    assert all(1e-7 <= v <= 10 for v in suggestions.values())
+    assert (tmp_path / "loss_plot_unfrozen.png").stat().st_size > 5000
+    assert "valley:" in capsys.readouterr().out
