@@ -104,6 +104,15 @@ def read_table(path, need_labels=True):
     return df
 
 
+def check_table_images(df, name):
+    """Stop with the row and file of the first image in `df` that is missing or does not decode."""
+    from prepare.tables import image_problems
+    paths = [Path(df.attrs["folder"]) / f for f in df["filename"]]
+    for row, (path, problem) in enumerate(zip(paths, image_problems(paths)), 1):
+        if problem:
+            raise UserError(f"{name}, row {row}: {path}: {problem}")
+
+
 def class_names(df):
     """{class_id: class_name} in order of class id."""
     pairs = df[["class_id", "class_name"]].drop_duplicates().sort_values("class_id")

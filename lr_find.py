@@ -40,7 +40,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     from fastai.callback.schedule import minimum, slide, steep, valley
     from fastai.torch_core import set_seed
-    from data import get_dls, read_table
+    from data import check_table_images, get_dls, read_table
     from models import create_learner, load_trained
     from train import show_bars, use_device
 
@@ -48,7 +48,9 @@ def main(argv=None):
     if not data.is_dir():
         raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
     set_seed(args.seed)
-    dls = get_dls(read_table(data / "train.csv"), args.size, args.bs, args.valid_pct, args.seed, args.crop_bbox,
+    train_df = read_table(data / "train.csv")
+    check_table_images(train_df, data / "train.csv")
+    dls = get_dls(train_df, args.size, args.bs, args.valid_pct, args.seed, args.crop_bbox,
                   balance=args.balance, workers=args.workers)
     pretrained = not args.no_pretrained and args.model is None
     arch = json.loads((Path(args.model) / "model.json").read_text())["arch"] if args.model and (Path(args.model) / "model.json").exists() else args.arch

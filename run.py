@@ -74,7 +74,7 @@ def model_meta(args, learn, train_df):
 def main(argv=None):
     args = parse_args(argv)
     from fastai.torch_core import set_seed
-    from data import get_dls, read_table
+    from data import check_table_images, get_dls, read_table
     from models import create_learner, save_trained
     from train import run_stages, stage_dicts, use_device
 
@@ -86,6 +86,8 @@ def main(argv=None):
     if args.resume and not (out / "progress.json").exists():
         raise UserError(f"{out}: nothing to resume (no progress.json)")
     train_df, test_df = read_table(data / "train.csv"), read_table(data / "test.csv")
+    check_table_images(train_df, data / "train.csv")
+    check_table_images(test_df, data / "test.csv")
     stages = recipe_stages(args)
     set_seed(args.seed)
 

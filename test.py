@@ -133,14 +133,9 @@ def match_labels(labels, classes, csv):
 def bad_images(df, folder, skip_bad, where):
     """Row positions whose image is missing or does not decode: an error at the first, or under
     --skip-bad each reported and returned for dropping."""
-    from prepare.tables import check_image
-    from concurrent.futures import ProcessPoolExecutor
+    from prepare.tables import image_problems
     paths = [Path(folder) / f for f in df["filename"]]
-    if len(paths) > 200 and (os.cpu_count() or 1) > 1:
-        with ProcessPoolExecutor(min(os.cpu_count(), 8)) as pool:
-            reasons = list(pool.map(check_image, paths, chunksize=64))
-    else:
-        reasons = [check_image(p) for p in paths]
+    reasons = image_problems(paths)
     bad = [i for i, r in enumerate(reasons) if r]
     for i in bad:
         message = f"{where}, row {i + 1}: {paths[i]}: {reasons[i]}"

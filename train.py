@@ -89,7 +89,6 @@ class EpochRecord(Callback):
                "accuracy": _num(values.get("accuracy")) if has_valid else "",
                "top5_accuracy": _num(values.get("top5_accuracy")) if has_valid else "",
                "seconds": round(time.time() - self.started, 2)}
-        self._append_history(row)
         state = {"model": self.learn.model.state_dict(),
                  "opt": _plain({"state": list(self.opt.state_dict()["state"]), "hypers": [dict(h) for h in self.opt.hypers]})}
         _atomic_save(state, self.out / CHECKPOINT)
@@ -99,6 +98,7 @@ class EpochRecord(Callback):
             progress["best_accuracy"] = row["accuracy"]
         progress.update(stage=self.stage_index, epoch=self.epoch + 1)
         _atomic_json(self.out / PROGRESS, progress)
+        self._append_history(row)  # last, so a run killed mid-way never logs an epoch it will redo
         if self.print_lines:
             extra = f" valid_loss {row['valid_loss']:.4f} accuracy {row['accuracy']:.4f}" if has_valid else ""
             print(f"{self.stage.name} epoch {self.epoch + 1}/{self.n_epoch} size {self.stage.size}: "

@@ -2,12 +2,10 @@
 
 Every image carries a ~20 px copyright banner at the bottom; it is cropped off here, once,
 when the image is placed in the dataset folder, so training and scoring never see it."""
-from pathlib import Path
-
 from cli import UserError
 
 from .fetch import Remote
-from .tables import Record
+from .tables import Record, locate
 
 DIRNAME = "fgvc_aircraft"
 BANNER_PX = 20
@@ -36,14 +34,8 @@ def _lines(path):
 
 
 def find_records(roots):
-    found = [p for r in map(Path, roots) for p in r.rglob("images_variant_trainval.txt")]
-    if not found:
-        raise UserError(f"{', '.join(map(str, roots))}: no FGVC-Aircraft layout found "
-                        "(looked for data/images_variant_trainval.txt)\n" + HOW_TO_GET)
-    data = found[0].parent
-    for name in ("variants.txt", "images_variant_test.txt", "images_box.txt"):
-        if not (data / name).exists():
-            raise UserError(f"{data / name}: missing from the FGVC-Aircraft folder")
+    data = locate(roots, "images_variant_trainval.txt", ("variants.txt", "images_variant_test.txt", "images_box.txt"),
+                  "FGVC-Aircraft", HOW_TO_GET)
     variants = [v for v in (data / "variants.txt").read_text().splitlines() if v.strip()]
     ids = {v: i + 1 for i, v in enumerate(variants)}
     boxes = {}

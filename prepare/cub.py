@@ -2,12 +2,10 @@
 
 CUB boxes are (x, y, width, height) in 0-based pixels; they are stored as the devkit's
 1-based inclusive (x1, y1, x2, y2) like every other dataset here."""
-from pathlib import Path
-
 from cli import UserError
 
 from .fetch import Remote
-from .tables import Record
+from .tables import Record, locate
 
 DIRNAME = "cub_200_2011"
 
@@ -40,14 +38,7 @@ def _pretty(folder_name):
 
 
 def find_records(roots):
-    found = [p for r in map(Path, roots) for p in r.rglob("image_class_labels.txt")]
-    if not found:
-        raise UserError(f"{', '.join(map(str, roots))}: no CUB-200-2011 layout found "
-                        "(looked for CUB_200_2011/image_class_labels.txt)\n" + HOW_TO_GET)
-    base = found[0].parent
-    for name in FILES:
-        if not (base / name).exists():
-            raise UserError(f"{base / name}: missing from the CUB-200-2011 folder")
+    base = locate(roots, "image_class_labels.txt", FILES, "CUB-200-2011", HOW_TO_GET)
     images = _table(base / "images.txt", 2)
     labels = _table(base / "image_class_labels.txt", 2)
     is_train = _table(base / "train_test_split.txt", 2)

@@ -121,6 +121,14 @@ def extract(archive, target):
         return
     target.mkdir(parents=True, exist_ok=True)
     print(f"extracting {archive.name}", file=sys.stderr)
+    try:
+        _unpack(archive, target)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
+        raise UserError(f"{archive}: cannot be unpacked, the archive is damaged or incomplete ({err})")
+    marker.touch()
+
+
+def _unpack(archive, target):
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive) as tar:
             try:
@@ -137,7 +145,6 @@ def extract(archive, target):
             zf.extractall(target)
     else:
         raise UserError(f"{archive}: not a tar or zip archive")
-    marker.touch()
 
 
 def is_archive(path):

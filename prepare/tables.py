@@ -1,4 +1,5 @@
-"""Turn a list of annotated images into `train.csv` and `test.csv` under the dataset folder.
+"""Turn a list of annotated images into `train.csv` and `test.csv` under the dataset folder
+(and find a dataset's folder by the files it must hold).
 
 Every image is decoded once (at reduced JPEG scale, so this is quick) so that a missing,
 truncated or unreadable file is reported here, by name, rather than in the middle of training."""
@@ -33,6 +34,18 @@ class Record:
     crop_bottom: int = 0
 
 
+def locate(roots, marker, siblings, dataset, hint):
+    """The folder under `roots` holding `marker` and every file in `siblings`, or a clear error."""
+    found = [p for r in map(Path, roots) for p in r.rglob(marker)]
+    if not found:
+        raise UserError(f"{', '.join(map(str, roots))}: no {dataset} layout found (looked for {marker})\n{hint}")
+    folder = found[0].parent
+    for name in siblings:
+        if not (folder / name).exists():
+            raise UserError(f"{folder / name}: missing from the {dataset} folder")
+    return folder
+
+
 def tables_exist(dest):
     return all((Path(dest) / f"{split}.csv").exists() for split in SPLITS)
 
@@ -50,18 +63,14 @@ def check_image(path):
         return f"cannot be read as an image ({err})"
 
 
-def check_images(paths, workers=None):
-    """Raise UserError naming the first path that is missing or does not decode."""
+def image_problems(paths, workers=None):
+    """For each path, None if it decodes as an image, else a one-line reason (checked in parallel)."""
     workers = workers or min(os.cpu_count() or 1, 8)
     paths = list(paths)
     if workers > 1 and len(paths) > 200:
         with ProcessPoolExecutor(workers) as pool:
-            reasons = list(pool.map(check_image, paths, chunksize=64))
-    else:
-        reasons = [check_image(p) for p in paths]
-    for path, reason in zip(paths, reasons):
-        if reason:
-            raise UserError(f"{path}: {reason}")
+            return list(pool.map(check_image, paths, chunksize=64))
+    return [check_image(p) for p in paths]
 
 
 def _place(record, dest):
@@ -93,7 +102,9 @@ def write_tables(records, dest, workers=None):
     for split in SPLITS:
         if not any(r.split == split for r in records):
             raise UserError(f"no {split} images were found in the source")
-    check_images([r.source for r in records], workers)
+    for record, problem in zip(records, image_problems([r.source for r in records], workers)):
+        if problem:
+            raise UserError(f"{record.source}: {problem}")
     rows = {split: [] for split in SPLITS}
     for r in records:
         box = list(r.bbox) if r.bbox is not None else ["", "", "", ""]

@@ -149,3 +149,12 @@ def test_cub_split_and_boxes(tmp_path):
     assert len(train) == 4 and len(pd.read_csv(dest / "test.csv")) == 2
     assert set(train["class_name"]) == {"Black footed Albatross", "Laysan Albatross"}
     assert tuple(train.iloc[0][["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]]) == (11, 21, 60, 50)
+
+
+def test_damaged_archive_is_named(layouts, tmp_path):
+    archive = tmp_path / "cars.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(layouts["original"], arcname="cars")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"cars\.tar\.gz: cannot be unpacked, the archive is damaged or incomplete"):
+        prepare("cars", tmp_path / "out", [archive])

@@ -104,3 +104,12 @@ def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
     assert all(1e-7 <= v <= 10 for v in suggestions.values())
     assert (tmp_path / "loss_plot_unfrozen.png").stat().st_size > 5000
     assert "valley:" in capsys.readouterr().out
+
+
+def test_unreadable_training_image_is_named_before_training(prepared, tmp_path):
+    import shutil
+    data = shutil.copytree(prepared, tmp_path / "data", symlinks=False)
+    train = pd.read_csv(data / "train.csv")
+    (data / train["filename"][6]).write_bytes(b"not a jpeg")
+    with pytest.raises(UserError, match=rf"train\.csv, row 7: .*{train['filename'][6]}: cannot be read as an image"):
+        run.main(["--data", str(data), "--arch", "resnet18", "--no-pretrained", "--out", str(tmp_path / "o")])
