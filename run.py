@@ -23,10 +23,10 @@ def parse_args(argv=None):
     p = cli.parser(__doc__)
     cli.add_data(p)
     cli.add_model_choice(p)
-    p.add_argument("--epochs", type=cli.int_list, default=[20, 40, 40], help="epochs of the frozen, unfrozen and resized stages")
-    p.add_argument("--sizes", type=cli.int_list, default=[224, 299], help="image size of stages 1-2, then of stage 3")
-    p.add_argument("--bs", type=cli.int_list, default=[32, 16], help="batch size of stages 1-2, then of stage 3")
-    p.add_argument("--lr", type=cli.float_list, default=[1e-2, 3e-3],
+    p.add_argument("--epochs", type=cli.int_list, default="20,40,40", help="epochs of the frozen, unfrozen and resized stages")
+    p.add_argument("--sizes", type=cli.int_list, default="224,299", help="image size of stages 1-2, then of stage 3")
+    p.add_argument("--bs", type=cli.int_list, default="32,16", help="batch size of stages 1-2, then of stage 3")
+    p.add_argument("--lr", type=cli.float_list, default="1e-2,3e-3",
                    help="max learning rate of the head in the frozen stage, then in the unfrozen stages")
     p.add_argument("--wd", type=float, default=1e-3, help="AdamW weight decay")
     cli.add_common_training(p)
