@@ -117,7 +117,7 @@ def make_loss(name):
 
 
 def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path="."):
-    """A fastai Learner as the recipe sets it: AdamW (betas 0.9/0.99, decoupled weight decay `wd`),
+    """A fastai Learner as the recipe sets it: AdamW (beta2 0.99, decoupled weight decay `wd`; one-cycle cycles beta1),
     BatchNorm trained even when frozen, and the body frozen when it starts from ImageNet weights."""
     from fastai.learner import Learner
     from fastai.metrics import accuracy

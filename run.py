@@ -1,7 +1,7 @@
 """The published Stanford Cars recipe end to end (../shared/REFERENCE.md §1, seeds/000), on today's fastai.
 
   model   ImageNet-pretrained ResNeXt50-32x4d, fastai's concat-pool head, 3 parameter groups
-  optim   AdamW (betas 0.9/0.99), weight decay 1e-3, one-cycle per stage
+  optim   AdamW (beta2 0.99; beta1 cycled 0.95-0.85-0.95 by one-cycle), weight decay 1e-3, one-cycle per stage
   stage 1 body frozen except BatchNorm, 20 epochs, 224 px, batch 32, max lr 1e-2 on the head, /3 per earlier group
   stage 2 unfrozen, 40 epochs, 224 px, batch 32, max lr 3e-3, /3 per earlier group
   stage 3 progressive resize: 40 epochs, 299 px, batch 16, same lrs

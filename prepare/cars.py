@@ -116,8 +116,6 @@ def _all_in_one_records(roots, annos):
     ann = load_struct(annos, "annotations", BOX_FIELDS + ["class", "relative_im_path", "test"])
     names = [str(n) for n in load_struct(annos, "class_names", [])]
     car_ims = _one(roots, "car_ims", want_dir=True)
-    if car_ims is None:
-        raise UserError(f"{annos}: found cars_annos.mat but no car_ims/ folder of images")
     records = []
     for i, rel in enumerate(ann["relative_im_path"]):
         cid = _check_class(annos, i, int(ann["class"][i]))
@@ -157,7 +155,7 @@ def find_records(roots):
     """Detect the layout under `roots` (folders) and return its Records."""
     roots = [Path(r) for r in roots]
     annos = _one(roots, "cars_annos.mat")
-    if annos is not None:
+    if annos is not None and _one(roots, "car_ims", want_dir=True) is not None:
         return _all_in_one_records(roots, annos)
     train_annos = _one(roots, "cars_train_annos.mat")
     if train_annos is not None:
@@ -165,5 +163,7 @@ def find_records(roots):
     splits = _class_folder_splits(roots)
     if splits is not None:
         return _class_folder_records(roots, splits)
+    if annos is not None:
+        raise UserError(f"{annos}: found cars_annos.mat but neither its car_ims/ folder nor the devkit's cars_train_annos.mat")
     raise UserError(f"{', '.join(map(str, roots))}: no Stanford Cars layout found (looked for cars_annos.mat, "
                     "devkit/cars_train_annos.mat, or train/ and test/ class folders)\n" + HOW_TO_GET)

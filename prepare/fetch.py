@@ -4,6 +4,7 @@ urllib and tarfile do the work; what is added by hand is what neither does on it
 resuming a cut download with an HTTP Range request, checking size and MD5 before a file
 gets its final name, and refusing archive members that would land outside the target."""
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -52,31 +53,31 @@ def _check(remote, path):
 
 
 def _fetch_once(remote, part, timeout):
-    """Append the rest of `remote` to `part`; return True when the file is complete."""
+    """Append the rest of `remote` to `part`; return True when the file is complete.
+
+    A failure to connect raises DownloadError (no point retrying); a cut mid-transfer raises OSError."""
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "fine-grained-classification/1.0"}
     if have:
         headers["Range"] = f"bytes={have}-"
-    request = urllib.request.Request(remote.url, headers=headers)
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.urlopen(urllib.request.Request(remote.url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # nothing left to send: the part is already whole
             return True
-        raise
+        raise DownloadError(f"{remote.url}: HTTP {err.code} {err.reason}")
+    except (urllib.error.URLError, OSError) as err:
+        raise DownloadError(f"{remote.url}: cannot connect ({getattr(err, 'reason', err)})")
     with response:
         resumed = have and response.status == 206
-        if not resumed:
-            have = 0
         length = response.headers.get("Content-Length")
-        total = have + int(length) if length is not None else None
+        total = (have if resumed else 0) + int(length) if length is not None else None
         with open(part, "ab" if resumed else "wb") as out:
             shutil.copyfileobj(response, out, CHUNK)
-    size = part.stat().st_size
-    return total is None or size >= total
+    return total is None or part.stat().st_size >= total
 
 
-def download(remote, folder, retries=3, timeout=60):
+def download(remote, folder, retries=3, timeout=30):
     """Download `remote` into `folder`, resuming after cuts; return the final path.
 
     The file is written as NAME.part and renamed only once it is complete and checked,
@@ -90,15 +91,13 @@ def download(remote, folder, retries=3, timeout=60):
     part = final.with_name(final.name + ".part")
     last_error = None
     for attempt in range(retries):
+        print(f"downloading {remote.url}" + (" (resuming)" if part.exists() else ""), file=sys.stderr)
         try:
-            print(f"downloading {remote.url}" + (" (resuming)" if part.exists() else ""), file=sys.stderr)
             if _fetch_once(remote, part, timeout):
                 break
             last_error = "connection closed before the end of the file"
-        except urllib.error.HTTPError as err:
-            raise DownloadError(f"{remote.url}: HTTP {err.code} {err.reason}")
-        except (urllib.error.URLError, OSError) as err:
-            last_error = getattr(err, "reason", err)
+        except (OSError, http.client.HTTPException) as err:  # cut mid-transfer: resume
+            last_error = err
         time.sleep(min(2 ** attempt, 10) * 0.1)
     else:
         raise DownloadError(f"{remote.url}: {last_error} (partial file kept as {part}; run again to resume)")

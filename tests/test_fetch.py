@@ -153,3 +153,15 @@ def test_climbing_zip_member_is_refused(tmp_path):
     with pytest.raises(UserError, match="refusing archive member"):
         extract(tmp_path / "evil.zip", tmp_path / "target")
     assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_unreachable_host_fails_at_once_without_retries(tmp_path):
+    import socket
+    import time
+    with socket.socket() as sock:  # a port on 127.0.0.1 with nothing listening
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.time()
+    with pytest.raises(DownloadError, match="cannot connect"):
+        download(Remote(f"http://127.0.0.1:{port}/x.tgz", "x.tgz"), tmp_path)
+    assert time.time() - started < 5 and list(tmp_path.iterdir()) == []

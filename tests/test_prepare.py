@@ -158,3 +158,9 @@ def test_damaged_archive_is_named(layouts, tmp_path):
     archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
     with pytest.raises(UserError, match=r"cars\.tar\.gz: cannot be unpacked, the archive is damaged or incomplete"):
         prepare("cars", tmp_path / "out", [archive])
+
+
+def test_kaggle_copy_with_a_stray_cars_annos_uses_the_devkit(layouts, prepared, tmp_path):
+    src = shutil.copytree(layouts["kaggle"], tmp_path / "src")
+    shutil.copy(layouts["all_in_one"] / "cars_annos.mat", src / "cars_annos.mat")  # no car_ims/ beside it
+    assert content(prepare("cars", tmp_path / "out", [src])) == content(prepared)
