@@ -7,7 +7,6 @@ The CSVs have the columns `filename` (relative to the CSV's folder), `bbox_x1..b
 (1-based, empty when the layout has no boxes), `class_id` and `class_name`."""
 import math
 import os
-import sys
 from pathlib import Path
 
 import numpy as np

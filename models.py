@@ -85,7 +85,6 @@ def read_state_dict(path):
 
 def load_backbone_weights(model, arch, path):
     """Load ImageNet-style backbone weights (a full torchvision or timm state dict) into `model[0]`."""
-    import timm
     import torchvision
     kind, name = resolve_arch(arch)
     state = read_state_dict(path)
@@ -163,7 +162,8 @@ def load_trained(folder):
             raise UserError(f"{folder}: incomplete model folder, {name} is missing")
     try:
         meta = json.loads((folder / META_FILE).read_text())
-        arch, classes, size = meta["arch"], meta["classes"], int(meta["image_size"])
+        arch, classes = meta["arch"], meta["classes"]
+        int(meta["image_size"])  # present and a number, or the model cannot be used
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{folder / META_FILE}: not a valid model description ({err})")
     try:

@@ -17,7 +17,6 @@ and the same for scoring (test.py's path against a plain eval loop). Ratios: pro
 project/ceiling."""
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys

@@ -10,7 +10,7 @@ from torch import nn
 
 from cli import UserError
 from data import get_dls
-from models import (create_learner, load_backbone_weights, load_trained, read_state_dict, resolve_arch,
+from models import (create_learner, load_trained, read_state_dict, resolve_arch,
                     save_trained)
 from train import group_lrs, n_groups
 

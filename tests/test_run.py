@@ -1,7 +1,6 @@
 """run.py end to end on a generated Stanford-Cars-format set: all three stages, every output,
 accuracy well above chance, resume after a kill without repeating epochs, and clear errors."""
 import json
-import os
 import signal
 import subprocess
 import sys
