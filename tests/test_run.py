@@ -85,13 +85,15 @@ def test_bad_inputs_give_one_clear_line(prepared, tmp_path):
 def test_validation_split_keeps_the_best_model(prepared, tmp_path):
     out = tmp_path / "valid"
     run.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--epochs", "1,2,0", "--sizes", "32,32",
-              "--bs", "16,16", "--valid-pct", "0.25", "--workers", "0", "--out", str(out), "--loss", "smooth"])
+              "--bs", "16,16", "--valid-pct", "0.25", "--workers", "0", "--out", str(out), "--loss", "smooth",
+              "--crop-bbox", "--balance"])
     history = pd.read_csv(out / "history.csv")
     assert len(history) == 3 and history["accuracy"].notna().all() and history["valid_loss"].notna().all()
     progress = json.loads((out / "progress.json").read_text())
     assert progress["best_accuracy"] == pytest.approx(history["accuracy"].max())
     assert set(torch.load(out / "best.pth", weights_only=True)) == set(load_file(out / "model.safetensors"))
-    assert json.loads((out / "model.json").read_text())["image_size"] == 32  # no resized stage
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["image_size"] == 32 and meta["crop_bbox"] is True  # no resized stage; test.py will crop too
 
 
 def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
