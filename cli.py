@@ -1,8 +1,25 @@
-"""Command-line plumbing shared by every script: the flags spelled the same way everywhere,
-and the one error type that ends a run with a single clear line instead of a traceback."""
+"""Plumbing shared by every script: the flags spelled the same way everywhere, the one error
+type that ends a run with a single clear line instead of a traceback, and atomic file writes."""
 import argparse
+import contextlib
+import os
 import sys
 import warnings
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic(path):
+    """Yield a temporary path beside `path` to write to; it becomes `path` only if the block completes,
+    so a file under its final name is always whole and nothing there is lost to a crash."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
 
 
 class UserError(Exception):

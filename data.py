@@ -9,7 +9,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -160,14 +159,6 @@ def default_workers():
     return min(os.cpu_count() or 1, 16)
 
 
-def valid_indices(n, valid_pct, seed):
-    """A fixed random `valid_pct` of range(n) (the same for the same seed, whatever the machine)."""
-    if not valid_pct:
-        return []
-    order = np.random.RandomState(seed).permutation(n)
-    return sorted(order[: int(round(n * valid_pct))].tolist())
-
-
 def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False, margin=0.16,
             balance=False, augment=True, workers=None, device=None, stats=IMAGENET_STATS, draft=True):
     """fastai DataLoaders for a prepared train.csv.
@@ -177,7 +168,7 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
     on the GPU when there is one; then ImageNet normalization. `valid_pct=0` trains on all rows.
     `draft=False` decodes every JPEG at full size (only to measure what draft decoding saves)."""
     from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter,
-                                   Normalize, Resize, aug_transforms)
+                                   Normalize, RandomSplitter, Resize, aug_transforms)
     import fastai.callback.data  # noqa: F401  (adds DataBlock.weighted_dataloaders)
 
     df = train_csv if isinstance(train_csv, pd.DataFrame) else read_table(train_csv)
@@ -187,7 +178,7 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
     block = DataBlock(blocks=(ImageBlock, CategoryBlock),
                       get_x=ImageReader(df.attrs["folder"], size if draft else None, crop_bbox, margin),
                       get_y=ColReader("class_id"),
-                      splitter=IndexSplitter(valid_indices(len(df), valid_pct, seed)),
+                      splitter=RandomSplitter(valid_pct, seed) if valid_pct else IndexSplitter([]),
                       item_tfms=Resize(size), batch_tfms=batch_tfms)
     kwargs = dict(bs=bs, num_workers=default_workers() if workers is None else workers, device=device)
     if balance:

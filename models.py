@@ -5,13 +5,12 @@ Backbones: torchvision's ResNets and ResNeXts (cut before the pool, fastai's con
 the recipe's three parameter groups), or any timm model by name. Names from the unmaintained
 `pretrainedmodels` package map to timm's ports of the same weights."""
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cli import UserError
+from cli import UserError, atomic
 
 TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                      "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"}
@@ -142,12 +141,10 @@ def save_trained(model, folder, meta):
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    tmp = folder / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, folder / META_FILE)
+    with atomic(folder / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    with atomic(folder / META_FILE) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
 
 
 def load_trained(folder):

@@ -7,7 +7,6 @@
 Every row is scored once, in the CSV's order, at the model's image size, without augmentation
 (unless --tta). Labels may be class ids or class names; they are matched to the model's classes
 by value. Written: the predictions CSV (--out), <out>_per_class.csv and <out>_confusion.png."""
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 import cli
-from cli import UserError
+from cli import UserError, atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FNAME_NAMES = ("filename", "fname", "file", "image", "path", "relative_im_path")
@@ -189,16 +188,14 @@ def confusion_png(true, pred, classes, path, most=20):
     ax.set_title(f"Confusion matrix, {n} classes" if len(keep) == n else
                  f"Confusion among the {len(keep)} classes with the most errors (of {n})")
     fig.tight_layout()
-    tmp = Path(str(path) + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_csv(df, path):
-    tmp = Path(str(path) + ".tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def report(df, probs, classes, true, out):

@@ -7,7 +7,6 @@ here: the checkpoint and history callbacks, because fastai's SaveModelCallback a
 neither write atomically nor record the stage, image size and learning rates of each epoch."""
 import csv
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +17,8 @@ import torch
 from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.progress import ProgressCallback
 from fastcore.foundation import L
+
+from cli import atomic
 
 CHECKPOINT, PROGRESS, HISTORY, BEST = "checkpoint.pth", "progress.json", "history.csv", "best.pth"
 HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "lrs", "train_loss", "valid_loss", "accuracy", "top5_accuracy", "seconds"]
@@ -44,15 +45,13 @@ def n_groups(learn):
 
 
 def _atomic_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def _atomic_save(obj, path):
-    tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class SkipValidation(Callback):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cli import UserError
+from cli import UserError, atomic
 
 COLUMNS = ["filename", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class_id", "class_name"]
 SPLITS = ("train", "test")
@@ -82,16 +82,15 @@ def _place(record, dest):
     target = dest / record.split / record.name
     target.parent.mkdir(parents=True, exist_ok=True)
     if not target.exists():
-        tmp = target.with_name(target.name + ".tmp")
-        if record.crop_bottom:
-            with Image.open(source) as im:
-                im.crop((0, 0, im.width, im.height - record.crop_bottom)).save(tmp, format="JPEG", quality=95)
-        else:
-            try:
-                os.symlink(source, tmp)
-            except OSError:
-                shutil.copy2(source, tmp)
-        os.replace(tmp, target)
+        with atomic(target) as tmp:
+            if record.crop_bottom:
+                with Image.open(source) as im:
+                    im.crop((0, 0, im.width, im.height - record.crop_bottom)).save(tmp, format="JPEG", quality=95)
+            else:
+                try:
+                    os.symlink(source, tmp)
+                except OSError:
+                    shutil.copy2(source, tmp)
     return target.relative_to(dest).as_posix()
 
 
@@ -110,11 +109,8 @@ def write_tables(records, dest, workers=None):
         box = list(r.bbox) if r.bbox is not None else ["", "", "", ""]
         rows[r.split].append([_place(r, dest), *box, r.class_id, r.class_name])
     for split in SPLITS:
-        path = dest / f"{split}.csv"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic(dest / f"{split}.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
             writer.writerows(rows[split])
-        os.replace(tmp, path)
     return {split: len(rows[split]) for split in SPLITS}

@@ -14,6 +14,13 @@ import synth  # noqa: E402
 N_CLASSES = 4
 
 
+class PickleBomb:
+    """Unpickling this writes the file PWNED in the current folder: a test fails if that ever happens."""
+
+    def __reduce__(self):
+        return (eval, ("__import__('pathlib').Path('PWNED').write_text('x')",))
+
+
 def run_script(script, *args, cwd=None, timeout=300):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cli import UserError
-from conftest import ROOT
+from conftest import PickleBomb, ROOT
 
 spec = importlib.util.spec_from_file_location("holdout", ROOT / "test.py")  # `import test` would be the stdlib's
 holdout = importlib.util.module_from_spec(spec)
@@ -124,16 +124,11 @@ def test_missing_or_incomplete_model(trained, holdout_copy, tmp_path):
         run_bad(partial, folder, csv, tmp_path)
 
 
-class Payload:
-    def __reduce__(self):
-        return (eval, ("__import__('pathlib').Path('PWNED').write_text('x')",))
-
-
 def test_model_file_with_pickled_code_is_refused(trained, holdout_copy, tmp_path, monkeypatch):
     folder, csv = holdout_copy
     tampered = shutil.copytree(trained, tmp_path / "tampered")
     with open(tampered / "model.safetensors", "wb") as f:
-        pickle.dump({"weights": Payload()}, f)
+        pickle.dump({"weights": PickleBomb()}, f)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="not a safetensors file, refusing to load it"):
         run_bad(tampered, folder, csv, tmp_path)

@@ -9,6 +9,7 @@ import torchvision
 from torch import nn
 
 from cli import UserError
+from conftest import PickleBomb
 from data import get_dls
 from models import (create_learner, load_trained, read_state_dict, resolve_arch,
                     save_trained)
@@ -76,15 +77,10 @@ def test_timm_backbone_trains(dls):
     assert learn.model[0].__class__.__name__ == "TimmBody"
 
 
-class Payload:
-    def __reduce__(self):
-        return (eval, ("__import__('pathlib').Path('PWNED').write_text('x')",))
-
-
 def test_weights_file_with_pickled_code_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"conv1.weight": Payload()}, f)
+        pickle.dump({"conv1.weight": PickleBomb()}, f)
     with pytest.raises(UserError, match="not a weights file that can be loaded safely"):
         read_state_dict(tmp_path / "evil.pth")
     assert not (tmp_path / "PWNED").exists()
