@@ -73,7 +73,7 @@ def _slug(text):
 
 # ---------------------------------------------------------------- reading tables
 
-def read_table(path, need_labels=True):
+def read_table(path):
     """Read a prepared CSV, checking its columns, with one clear error for each kind of bad file."""
     path = Path(path)
     if not path.exists():
@@ -84,19 +84,17 @@ def read_table(path, need_labels=True):
         raise UserError(f"{path}: the CSV is empty")
     except Exception as err:
         raise UserError(f"{path}: not a readable CSV ({err})")
-    required = REQUIRED_COLUMNS if need_labels else REQUIRED_COLUMNS[:1]
-    missing = [c for c in required if c not in df.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
     if df.empty:
         raise UserError(f"{path}: the CSV has no rows")
-    if need_labels:
-        if not pd.api.types.is_numeric_dtype(df["class_id"]) or df["class_id"].isna().any():
-            bad = df.index[pd.to_numeric(df["class_id"], errors="coerce").isna()][0]
-            raise UserError(f"{path}, row {bad + 1}: class_id {df['class_id'][bad]!r} is not a number")
-        df["class_id"] = df["class_id"].astype(int)
-        if "class_name" not in df.columns:
-            df["class_name"] = df["class_id"].astype(str)
+    if not pd.api.types.is_numeric_dtype(df["class_id"]) or df["class_id"].isna().any():
+        bad = df.index[pd.to_numeric(df["class_id"], errors="coerce").isna()][0]
+        raise UserError(f"{path}, row {bad + 1}: class_id {df['class_id'][bad]!r} is not a number")
+    df["class_id"] = df["class_id"].astype(int)
+    if "class_name" not in df.columns:
+        df["class_name"] = df["class_id"].astype(str)
     df["filename"] = df["filename"].astype(str)
     df.attrs["folder"] = str(path.parent)
     return df
@@ -123,8 +121,8 @@ def open_image(path, size=None, box=None, margin=0.0):
     """Open an image as RGB, optionally cropped to `box` (1-based x1,y1,x2,y2) grown by `margin`.
 
     With `size`, JPEGs are decoded at the smallest DCT scale that still leaves the region at
-    least `size` pixels on each side (PIL's draft mode): several times less work for the large
-    images of these datasets, with the same pixels after the resize that follows."""
+    least `size` pixels on each side (PIL's draft mode): measured 1.3-1.9x faster decoding on
+    300-1000 px images, and nearly the same pixels after the resize that follows."""
     im = Image.open(path)
     width, height = im.size
     region = (0, 0, width, height)
@@ -200,9 +198,9 @@ def inference_dl(df, folder, size, bs=64, stats=IMAGENET_STATS, crop_bbox=False,
     return dls, dls.test_dl(df, bs=bs, shuffle=False, drop_last=False)
 
 
-def eval_dl(dls, df, bs=None, with_labels=True):
+def eval_dl(dls, df, bs=None):
     """A loader over every row of `df`, in order, once, with no augmentation (validation transforms)."""
-    return dls.test_dl(df, with_labels=with_labels, bs=bs or dls.bs, shuffle=False, drop_last=False)
+    return dls.test_dl(df, with_labels=True, bs=bs or dls.bs, shuffle=False, drop_last=False)
 
 
 # ---------------------------------------------------------------- command line

@@ -76,7 +76,8 @@ def main(argv=None):
     from fastai.torch_core import set_seed
     from data import check_table_images, get_dls, read_table
     from models import create_learner, save_trained
-    from train import run_stages, stage_dicts, use_device
+    from dataclasses import asdict
+    from train import run_stages, use_device
 
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir():
@@ -99,7 +100,7 @@ def main(argv=None):
     device = use_device(learn)
     print(f"training {args.arch} on {device}", file=sys.stderr if "CPU" in device else sys.stdout)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**vars(args), "stages": stage_dicts(stages)}, indent=2))
+    (out / "config.json").write_text(json.dumps({**vars(args), "stages": [asdict(s) for s in stages]}, indent=2))
     started = time.time()
     seconds = run_stages(learn, stages, make_dls, out, resume=args.resume)
     eval_started = time.time()

@@ -56,7 +56,8 @@ def _column(df, spec, what, csv):
 def read_holdout(csv, folder, fname_col=None, label_col=None):
     """(DataFrame with `filename` and maybe `label`) from a CSV with or without a header row.
 
-    The first row is a header unless its file-name cell names an image that exists in `folder`."""
+    The first row is a header unless its file-name cell names an image: a file in `folder`, or a
+    name with an image suffix (a missing first image is then reported, not taken for a header)."""
     csv, folder = Path(csv), Path(folder)
     if not csv.is_file():
         raise UserError(f"{csv}: no such CSV file")
@@ -65,7 +66,8 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
     except pd.errors.EmptyDataError:
         raise UserError(f"{csv}: the CSV is empty")
     fname_index = int(fname_col) if fname_col is not None and str(fname_col).isdigit() else 0
-    headerless = fname_index < first.shape[1] and (folder / str(first.iloc[0, fname_index])).is_file()
+    cell = str(first.iloc[0, fname_index]) if fname_index < first.shape[1] else ""
+    headerless = (folder / cell).is_file() or Path(cell).suffix.lower() in IMAGE_SUFFIXES
     try:
         df = pd.read_csv(csv, header=None if headerless else 0, keep_default_na=False, na_values=[""])
     except Exception as err:
@@ -89,7 +91,6 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
     for box_col in BOX_COLUMNS:  # used only by models trained with --crop-bbox
         if box_col in df.columns:
             out[box_col] = df[box_col]
-    out.attrs["csv"] = str(csv)
     return out
 
 

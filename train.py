@@ -9,7 +9,7 @@ import csv
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -197,7 +197,3 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None):
         learn.fit_one_cycle(stage.epochs, group_lrs(stage.lr, n_groups(learn)), start_epoch=first_epoch, cbs=cbs)
         seconds[stage.name] = round(time.time() - started, 2)
     return seconds
-
-
-def stage_dicts(stages):
-    return [asdict(s) for s in stages]

@@ -141,3 +141,12 @@ def test_tta_scores_every_row(trained, prepared, tmp_path, capsys):
     preds = pd.read_csv(tmp_path / "t.csv")
     assert len(preds) == len(pd.read_csv(prepared / "test.csv")) and 0 <= acc <= 1
     assert acc == round(float(preds["correct"].mean()), 4)
+
+
+def test_headerless_csv_with_missing_first_image_is_not_taken_for_a_header(trained, holdout_copy, tmp_path):
+    folder, csv = holdout_copy
+    df = pd.read_csv(csv)
+    df[["filename", "class_id"]].to_csv(csv, header=False, index=False)
+    (folder / df["filename"][0]).unlink()
+    with pytest.raises(UserError, match=rf"row 1: .*{df['filename'][0]}: file is missing"):
+        run_bad(trained, folder, csv, tmp_path, "--label-col", "1")
