@@ -5,6 +5,7 @@ PY          := $(VENV)/bin/python
 DATASET     ?= cars
 DATA_DIR    ?= data
 SOURCE      ?=
+RESIZE      ?=
 DEMO_DIR    ?= demo
 DATASET_DIR_cars     := stanford_cars
 DATASET_DIR_aircraft := fgvc_aircraft
@@ -21,13 +22,14 @@ $(VENV)/.installed: requirements.txt
 
 install: $(VENV)/.installed
 
-# Download (or, with SOURCE=path, import) the dataset into $(DATA_DIR)/<dataset>/{train,test}.csv
+# Download (or, with SOURCE=path, import) the dataset into $(DATA_DIR)/<dataset>/{train,test}.csv;
+# with RESIZE=320 also a copy shrunk once for fast GPU training, which `make reproduce RESIZE=320` trains on
 data: install
-	$(PY) data.py --dataset $(DATASET) --root $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE))
+	$(PY) data.py --dataset $(DATASET) --root $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE)) $(if $(RESIZE),--resize $(RESIZE))
 
 # The published recipe: ResNeXt50, 20 frozen + 40 unfrozen epochs at 224 px, 40 at 299 px, then the test set
 reproduce: data
-	$(PY) run.py --data $(DATA_DIR)/$(DATASET_DIR_$(DATASET)) --out runs/$(DATASET)_resnext50
+	$(PY) run.py --data $(DATA_DIR)/$(DATASET_DIR_$(DATASET))$(if $(RESIZE),/resized_$(RESIZE)) --out runs/$(DATASET)_resnext50
 
 # A small generated fine-grained set, the same three-stage recipe scaled down, on the CPU in a few minutes
 demo: install

@@ -63,12 +63,12 @@ def score(learn, test_df):
 
 
 def model_meta(args, learn, train_df):
-    from data import IMAGENET_STATS, class_names
+    from data import BOX_MARGIN, IMAGENET_STATS, class_names
     names = class_names(train_df)
     return {"arch": args.arch, "classes": [{"id": int(c), "name": names[int(c)]} for c in learn.dls.vocab],
             "image_size": args.sizes[1] if args.epochs[2] else args.sizes[0], "resize": "crop",
             "normalize": {"mean": IMAGENET_STATS[0], "std": IMAGENET_STATS[1]},
-            "crop_bbox": args.crop_bbox, "bbox_margin": 0.16}
+            "crop_bbox": args.crop_bbox, "bbox_margin": BOX_MARGIN}
 
 
 def main(argv=None):

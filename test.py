@@ -15,10 +15,10 @@ import pandas as pd
 
 import cli
 from cli import UserError, atomic
+from data import BOX_COLUMNS, BOX_MARGIN
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FNAME_NAMES = ("filename", "fname", "file", "image", "path", "relative_im_path")
-BOX_COLUMNS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
 LABEL_NAMES = ("class_id", "class_name", "label", "class", "labels", "category", "target")
 
 
@@ -158,7 +158,7 @@ def predict(model, meta, df, folder, bs, tta=False, workers=None):
     if meta.get("crop_bbox") and not crop:
         print("note: the model was trained on box crops, but the CSV has no bbox_x1..bbox_y2 columns: scoring whole images",
               file=sys.stderr)
-    dls, dl = inference_dl(df, folder, int(meta["image_size"]), bs, stats, crop, meta.get("bbox_margin", 0.16), workers)
+    dls, dl = inference_dl(df, folder, int(meta["image_size"]), bs, stats, crop, meta.get("bbox_margin", BOX_MARGIN), workers)
     learn = Learner(dls, model.to(dls.device), loss_func=CrossEntropyLossFlat())
     show_bars(learn, sys.stdout.isatty())
     probs = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]

@@ -11,12 +11,17 @@ images/s (timed after `--warmup` batches) and peak memory:
   project   the project's unfrozen training stage (data.get_dls + models.create_learner + fastai), from JPEGs
   loader    the project's training DataLoader alone (decode, resize, augment), no model
   loader_nodraft  the same decoding every JPEG at full size: what draft decoding saves
+  project_resized, loader_resized  project and loader reading the copy that `data.py --resize` makes
+            once (images shrunk to --resize-px; 320 for the recipe's 299)
+  ceiling_compiled  (only when named in --modes) the ceiling under torch.compile, to see whether
+            compiling would pay before the training path uses it
   plain     a plain PyTorch loop as in seeds/003-004: torchvision transforms on PIL images,
             DataLoader workers, fp32, NCHW, SGD
 and the same for scoring (test.py's path against a plain eval loop). Ratios: project/plain,
 project/ceiling."""
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -27,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-TRAIN_MODES = ("ceiling", "project", "plain", "loader", "loader_nodraft")
+TRAIN_MODES = ("ceiling", "project", "plain", "loader", "loader_nodraft", "project_resized", "loader_resized")
 SCORE_MODES = ("score_project", "score_plain")
 
 
@@ -35,8 +40,7 @@ def make_dataset(folder, n_images, n_classes, min_size, max_size):
     """A prepared dataset folder (train.csv, test.csv) of generated JPEGs."""
     import synth
     from data import prepare
-    per_class = max(1, -(-n_images // n_classes))
-    samples = synth.make_samples(n_classes, per_class, 1, min_size, max_size, seed=0)
+    samples = synth.make_samples(n_classes, min_size=min_size, max_size=max_size, seed=0, totals=(n_images, n_classes))
     synth.write_layout(samples, folder / "source", "original", n_classes)
     return prepare("cars", folder / "data", [folder / "source"])
 
@@ -75,13 +79,15 @@ def peak_mib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ceiling(args, size, bs, device):
+def run_ceiling(args, size, bs, device, compiled=False):
     import torch
     from models import build_model
     model = build_model(args.arch, args.classes).to(device)
     cuda = device.type == "cuda"
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    if compiled:
+        model.compile()  # in place: the module and its state_dict keys stay as they are
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-3)
     x = torch.randn(bs, 3, size, size, device=device)
     x = x.to(memory_format=torch.channels_last) if cuda else x
@@ -97,12 +103,17 @@ def run_ceiling(args, size, bs, device):
             return timer.rate()
 
 
-def run_project(args, size, bs, device, draft=True):
+def resized_folder(args):
+    from prepare.resize import folder_name
+    return Path(args.data) / folder_name(args.resize_px)
+
+
+def run_project(args, size, bs, device, folder=None):
     from fastai.callback.core import Callback, CancelFitException
     from data import get_dls
     from models import create_learner
     from train import show_bars, use_device
-    dls = get_dls(Path(args.data) / "train.csv", size, bs, workers=args.workers, draft=draft)
+    dls = get_dls(Path(folder or args.data) / "train.csv", size, bs, workers=args.workers)
     learn = create_learner(dls, args.arch, pretrained=False)
     use_device(learn)
     show_bars(learn, False)
@@ -118,10 +129,10 @@ def run_project(args, size, bs, device, draft=True):
     return timer.rate()
 
 
-def run_loader(args, size, bs, device, draft=True):
+def run_loader(args, size, bs, device, draft=True, folder=None):
     """The project's training batches alone, augmentation included, as the model would receive them."""
     from data import get_dls
-    dls = get_dls(Path(args.data) / "train.csv", size, bs, workers=args.workers, draft=draft, device=device)
+    dls = get_dls(Path(folder or args.data) / "train.csv", size, bs, workers=args.workers, draft=draft, device=device)
     timer = Timer(args.warmup, args.steps, bs, device)
     while True:
         for _ in dls.train:
@@ -218,7 +229,10 @@ def child(args):
     warnings.filterwarnings("ignore")
     device = device_setup()
     runner = {"ceiling": run_ceiling, "project": run_project, "plain": run_plain,
+              "ceiling_compiled": lambda *a: run_ceiling(*a, compiled=True),
               "loader": run_loader, "loader_nodraft": lambda *a: run_loader(*a, draft=False),
+              "project_resized": lambda *a: run_project(*a, folder=resized_folder(args)),
+              "loader_resized": lambda *a: run_loader(*a, folder=resized_folder(args)),
               "score_project": run_score_project, "score_plain": run_score_plain}[args.mode]
     rate = runner(args, args.size, args.bs[0], device)
     print(json.dumps({"mode": args.mode, "size": args.size, "images_per_s": rate, "peak_mib": peak_mib(device),
@@ -237,6 +251,8 @@ def main():
     p.add_argument("--warmup", type=int, default=3, help="batches before timing starts")
     p.add_argument("--steps", type=int, default=10, help="batches timed")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers for project and plain (default: all cores, at most 16)")
+    p.add_argument("--resize-px", type=int, default=None,
+                   help="shorter side of the resized copy for the *_resized modes (default: the largest size x 1.07)")
     p.add_argument("--modes", default=",".join(TRAIN_MODES + SCORE_MODES), help="which modes to run")
     p.add_argument("--data", default=None, help="use this prepared dataset folder instead of generating one")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -249,21 +265,28 @@ def main():
     sizes = [int(s) for s in args.sizes.split(",")]
     if len(args.bs) != len(sizes):
         p.error("--bs needs one batch size per --sizes entry")
+    unknown = set(args.modes.split(",")) - set(TRAIN_MODES + SCORE_MODES + ("ceiling_compiled",))
+    if unknown:
+        p.error(f"unknown mode(s) {', '.join(sorted(unknown))}; the modes are listed in --help")
+    args.resize_px = args.resize_px or math.ceil(max(sizes) * 1.07)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data is None:
             print(f"generating {args.images} JPEGs of {args.min_px}-{args.max_px} px, {args.classes} classes", file=sys.stderr)
             args.data = str(make_dataset(Path(tmp), args.images, args.classes, args.min_px, args.max_px))
+        if "_resized" in args.modes:
+            from prepare.resize import resize_copy
+            resize_copy(args.data, args.resize_px, args.workers)
         results = []
         for size, bs in zip(sizes, args.bs):
             for mode in args.modes.split(","):
                 cmd = [sys.executable, __file__, "--mode", mode, "--size", str(size), "--bs", str(bs), "--arch", args.arch,
                        "--classes", str(args.classes), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                       "--data", args.data] + (["--workers", str(args.workers)] if args.workers is not None else [])
+                       "--data", args.data, "--resize-px", str(args.resize_px)] + (["--workers", str(args.workers)] if args.workers is not None else [])
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode:
                     sys.exit(f"{mode} at {size} px failed:\n{done.stderr[-2000:]}")
                 results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-                print(f"  {mode:>13} {size} px: {results[-1]['images_per_s']:8.1f} images/s", file=sys.stderr)
+                print(f"  {mode:>16} {size} px: {results[-1]['images_per_s']:8.1f} images/s", file=sys.stderr)
     print_table(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -271,19 +294,24 @@ def main():
 
 def print_table(results, args):
     device = results[0]["device"]
-    print(f"\n{args.arch}, device {device}, {args.images} generated JPEGs, steady state after {args.warmup} batches")
-    print(f"{'size':>5} {'mode':>14} {'images/s':>10} {'peak MiB':>10}  ratios")
+    print(f"\n{args.arch}, device {device}, {args.images} generated JPEGs, resized copy {args.resize_px} px, "
+          f"steady state after {args.warmup} batches")
+    print(f"{'size':>5} {'mode':>16} {'images/s':>10} {'peak MiB':>10}  ratios")
     for size in sorted({r["size"] for r in results}):
         rate = {r["mode"]: r["images_per_s"] for r in results if r["size"] == size}
         for r in (r for r in results if r["size"] == size):
             ratio = ""
             if r["mode"] == "project":
                 ratio = "  ".join(f"project/{b} {rate['project'] / rate[b]:.2f}" for b in ("plain", "ceiling") if b in rate)
+            if r["mode"] == "ceiling_compiled" and "ceiling" in rate:
+                ratio = f"compiled/eager {rate['ceiling_compiled'] / rate['ceiling']:.2f}"
             if r["mode"] == "loader" and "loader_nodraft" in rate:
                 ratio = f"draft/nodraft {rate['loader'] / rate['loader_nodraft']:.2f}"
+            if r["mode"].endswith("_resized") and r["mode"][:-8] in rate:
+                ratio = f"resized/full-size {r['images_per_s'] / rate[r['mode'][:-8]]:.2f}"
             if r["mode"] == "score_project" and "score_plain" in rate:
                 ratio = f"project/plain {rate['score_project'] / rate['score_plain']:.2f}"
-            print(f"{size:>5} {r['mode']:>14} {r['images_per_s']:>10.1f} {r['peak_mib']:>10.0f}  {ratio}")
+            print(f"{size:>5} {r['mode']:>16} {r['images_per_s']:>10.1f} {r['peak_mib']:>10.0f}  {ratio}")
 
 
 if __name__ == "__main__":

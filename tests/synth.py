@@ -21,11 +21,18 @@ WHEEL_COLOURS = [(20, 20, 20), (230, 230, 230), (220, 180, 30), (200, 30, 30)]
 
 @dataclass
 class Sample:
+    """One generated image, drawn when written (so that large sets need not fit in memory)."""
     split: str
     number: int          # per-split number, as in the devkit (train and test numbered independently)
-    image: Image.Image
-    bbox: tuple          # 1-based inclusive x1, y1, x2, y2
     class_id: int        # 1-based
+    width: int
+    height: int
+    grayscale: bool
+    seed: tuple
+
+    def draw(self):
+        """(image, bbox): the same every time; bbox is 1-based inclusive x1, y1, x2, y2."""
+        return draw_car(np.random.default_rng(self.seed), self.class_id, self.width, self.height, self.grayscale)
 
 
 def class_names(n):
@@ -61,16 +68,17 @@ def draw_car(rng, class_id, width, height, grayscale=False):
     return (im.convert("L") if grayscale else im), box
 
 
-def make_samples(n_classes=6, train_per_class=20, test_per_class=10, min_size=64, max_size=160, seed=0):
+def make_samples(n_classes=6, train_per_class=20, test_per_class=10, min_size=64, max_size=160, seed=0, totals=None):
+    """`per_class` images of each class in each split, or, with `totals` = (train, test), that many spread over the classes."""
     rng = np.random.default_rng(seed)
     samples = []
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        ids = [c for c in range(1, n_classes + 1) for _ in range(per_class)]
+    counts = totals or (train_per_class * n_classes, test_per_class * n_classes)
+    for split, total in zip(("train", "test"), counts):
+        ids = sorted(i % n_classes + 1 for i in range(total))
         random.Random(seed + len(split)).shuffle(ids)
         for number, cid in enumerate(ids, 1):
             w = int(rng.integers(min_size, max_size + 1)); h = int(w * rng.uniform(0.75, 0.95))
-            im, box = draw_car(rng, cid, w, max(h, 48), grayscale=(number % 7 == 0))
-            samples.append(Sample(split, number, im, box, cid))
+            samples.append(Sample(split, number, cid, w, max(h, 48), number % 7 == 0, (seed, len(split), number)))
     return samples
 
 
@@ -102,8 +110,9 @@ def write_layout(samples, out, layout="original", n_classes=None):
         rows = []
         for i, s in enumerate(samples, 1):
             rel = f"car_ims/{i:06d}.jpg"
-            _save(s.image, out / rel)
-            rows.append([rel, *s.bbox, s.class_id, int(s.split == "test")])
+            image, box = s.draw()
+            _save(image, out / rel)
+            rows.append([rel, *box, s.class_id, int(s.split == "test")])
         scipy.io.savemat(out / "cars_annos.mat", {
             "annotations": _struct(rows, ["relative_im_path", *box_fields, "class", "test"]),
             "class_names": _cells(names)})
@@ -111,7 +120,7 @@ def write_layout(samples, out, layout="original", n_classes=None):
     if layout == "class_folders":
         for s in samples:
             folder = names[s.class_id - 1].replace("/", "-")
-            _save(s.image, out / s.split / folder / f"{s.number:05d}.jpg")
+            _save(s.draw()[0], out / s.split / folder / f"{s.number:05d}.jpg")
         return out
     nested = layout == "kaggle"
     devkit = out / ("car_devkit/devkit" if nested else "devkit")
@@ -121,8 +130,9 @@ def write_layout(samples, out, layout="original", n_classes=None):
         rows = []
         for s in (s for s in samples if s.split == split):
             fname = f"{s.number:05d}.jpg"
-            _save(s.image, folder / fname)
-            rows.append([*s.bbox, s.class_id, fname])
+            image, box = s.draw()
+            _save(image, folder / fname)
+            rows.append([*box, s.class_id, fname])
         with_class = _struct(rows, [*box_fields, "class", "fname"])
         if split == "train":
             scipy.io.savemat(devkit / "cars_train_annos.mat", {"annotations": with_class})
@@ -132,8 +142,8 @@ def write_layout(samples, out, layout="original", n_classes=None):
             scipy.io.savemat(out / "cars_test_annos_withlabels.mat", {"annotations": with_class})
     scipy.io.savemat(devkit / "cars_meta.mat", {"class_names": _cells(names)})
     # the hold-out CSV of the original test.py: devkit columns, no header, the label in column 5
-    rows = [f"{s.number:05d}.jpg,{','.join(map(str, s.bbox))},{s.class_id}" for s in samples if s.split == "test"]
-    (out / "cars_test_labels.csv").write_text("\n".join(rows) + "\n")
+    lines = [f"{fname},{','.join(map(str, box))},{class_id}" for *box, class_id, fname in rows]
+    (out / "cars_test_labels.csv").write_text("\n".join(lines) + "\n")
     return out
 
 
@@ -144,11 +154,14 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--train-per-class", type=int, default=40)
     p.add_argument("--test-per-class", type=int, default=20)
+    p.add_argument("--train-images", type=int, default=None, help="this many train images in all, instead of per class")
+    p.add_argument("--test-images", type=int, default=None, help="this many test images in all, instead of per class")
     p.add_argument("--min-size", type=int, default=96)
     p.add_argument("--max-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    samples = make_samples(a.classes, a.train_per_class, a.test_per_class, a.min_size, a.max_size, a.seed)
+    totals = (a.train_images or a.train_per_class * a.classes, a.test_images or a.test_per_class * a.classes)
+    samples = make_samples(a.classes, a.train_per_class, a.test_per_class, a.min_size, a.max_size, a.seed, totals)
     write_layout(samples, a.out, a.layout, a.classes)
     print(f"{a.out}: {len(samples)} images, {a.classes} classes, {a.layout} layout")
 

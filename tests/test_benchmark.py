@@ -10,6 +10,8 @@ def test_benchmark_prints_the_table(tmp_path):
                         "--json", tmp_path / "r.json", timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert {r["mode"] for r in rows} == {"ceiling", "project", "plain", "loader", "loader_nodraft", "score_project", "score_plain"}
+    assert {r["mode"] for r in rows} == {"ceiling", "project", "plain", "loader", "loader_nodraft", "project_resized",
+                                        "loader_resized", "score_project", "score_plain"}
     assert all(r["images_per_s"] > 0 and r["peak_mib"] > 0 for r in rows)
     assert "project/plain" in result.stdout and "project/ceiling" in result.stdout and "draft/nodraft" in result.stdout
+    assert "resized/full-size" in result.stdout

@@ -1,0 +1,104 @@
+"""A resized copy of a prepared dataset, made once, so that training does not decode full-size
+JPEGs every epoch.
+
+Each image is shrunk (never enlarged) so that the part training can read is `short_side` px on
+its shorter side: the bounding box grown by the --crop-bbox margin, clipped to the image, or the
+whole image when there is no box. Whole-image and --crop-bbox training therefore both still see
+at least `short_side` px. Boxes are scaled with their images; images that need no shrinking are
+linked, not copied. The copy is a prepared folder like any other (train.csv, test.csv)."""
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from PIL import Image
+
+from cli import UserError, atomic
+
+SAVE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "BMP": "BMP", "TIFF": "TIFF"}
+
+
+def folder_name(short_side):
+    return f"resized_{short_side}"
+
+
+def scaled_box(box, scale, width, height):
+    """A 1-based inclusive (x1, y1, x2, y2) box on an image scaled by `scale` to width x height, still covering it."""
+    x1, y1, x2, y2 = box
+    return (math.floor((x1 - 1) * scale) + 1, math.floor((y1 - 1) * scale) + 1,
+            min(width, math.ceil(x2 * scale)), min(height, math.ceil(y2 * scale)))
+
+
+def shrink_one(job):
+    """Write one image's shrunk copy (or a link to it) at `target`; return (scale, width, height) or an error line."""
+    from data import BOX_MARGIN, box_region
+    source, target, box, short_side = job
+    try:
+        with Image.open(source) as im:
+            left, top, right, bottom = box_region(im.width, im.height, box, BOX_MARGIN)
+            scale = min(1.0, short_side / max(1.0, min(right - left, bottom - top)))
+            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+            if scale < 1 and not target.exists():
+                fmt = SAVE_FORMATS.get(im.format, "PNG")
+                im.draft(im.mode, size)  # JPEG: decode at the smallest DCT scale still >= size
+                small = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                with atomic(target) as tmp:
+                    small.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    except Exception as err:  # PIL raises many types for bad files
+        return f"{source}: cannot be resized ({err})"
+    if scale == 1 and not target.exists():
+        with atomic(target) as tmp:
+            try:
+                os.symlink(Path(source).resolve(), tmp)
+            except OSError:
+                shutil.copy2(source, tmp)
+    return scale, size[0], size[1]
+
+
+def resize_copy(folder, short_side, workers=None):
+    """Write `<folder>/resized_<short_side>/` with train.csv, test.csv and the shrunk images; return that folder.
+
+    Interrupted runs resume: images already written are kept, and the CSVs are written last."""
+    from data import BOX_COLUMNS, read_table
+    from prepare.tables import SPLITS, tables_exist
+    folder = Path(folder)
+    dest = folder / folder_name(short_side)
+    if tables_exist(dest):
+        print(f"{dest}: already made (delete its train.csv and test.csv to make it again)")
+        return dest
+    if short_side < 32:
+        raise UserError(f"--resize {short_side}: too small to train on; give the shorter side in px, e.g. 320")
+    tables = {split: read_table(folder / f"{split}.csv") for split in SPLITS}
+    jobs = []
+    for split, df in tables.items():
+        boxes = df[BOX_COLUMNS].itertuples(index=False, name=None) if set(BOX_COLUMNS) <= set(df.columns) else [None] * len(df)
+        for name, box in zip(df["filename"], boxes):
+            target = Path(os.path.normpath(dest / name))  # not resolve(): a linked image points elsewhere by design
+            if not target.is_relative_to(dest):
+                raise UserError(f"{folder / f'{split}.csv'}: filename {name!r} points outside the dataset folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((folder / name, target, box, short_side))
+    workers = workers or min(os.cpu_count() or 1, 16)
+    if workers > 1 and len(jobs) > 100:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(shrink_one, jobs, chunksize=32))
+    else:
+        results = [shrink_one(job) for job in jobs]
+    for result in results:
+        if isinstance(result, str):
+            raise UserError(result)
+    start = 0
+    for split, df in tables.items():
+        done = results[start:start + len(df)]
+        start += len(df)
+        if set(BOX_COLUMNS) <= set(df.columns):
+            for i, (box, (scale, width, height)) in enumerate(zip(df[BOX_COLUMNS].itertuples(index=False, name=None), done)):
+                if scale < 1 and not any(v != v for v in box):  # NaN: no box for this row
+                    df.loc[df.index[i], BOX_COLUMNS] = scaled_box(box, scale, width, height)
+        with atomic(dest / f"{split}.csv") as tmp:
+            df.to_csv(tmp, index=False)
+    shrunk = sum(1 for r in results if r[0] < 1)
+    print(f"{dest}: {len(results)} images, {shrunk} shrunk so the box region is {short_side} px on its shorter side, "
+          f"{len(results) - shrunk} linked (already that small)")
+    return dest

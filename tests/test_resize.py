@@ -1,0 +1,91 @@
+"""`data.py --resize`: a copy whose box regions are shrunk to the asked size, boxes scaled with
+their images, small images linked, resumable, and bad input named."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from cli import UserError
+from conftest import run_script
+from data import BOX_COLUMNS, BOX_MARGIN, box_region, get_dls, open_image
+from prepare.resize import resize_copy
+
+
+@pytest.fixture
+def own_copy(prepared, tmp_path):
+    """The prepared dataset's tables and image links in a folder this test may change."""
+    return shutil.copytree(prepared, tmp_path / "cars", symlinks=True)
+
+
+def rows(folder, split="train"):
+    return pd.read_csv(folder / f"{split}.csv").itertuples()
+
+
+def region_side(folder, row):
+    with Image.open(folder / row.filename) as im:
+        left, top, right, bottom = box_region(im.width, im.height, [getattr(row, c) for c in BOX_COLUMNS], BOX_MARGIN)
+    return min(right - left, bottom - top)
+
+
+def test_box_regions_are_shrunk_to_the_size_and_boxes_follow(own_copy):
+    resized = resize_copy(own_copy, 40)
+    assert resized == own_copy / "resized_40"
+    differences = []
+    for split in ("train", "test"):
+        for before, after in zip(rows(own_copy, split), rows(resized, split)):
+            assert (before.filename, before.class_id, before.class_name) == (after.filename, after.class_id, after.class_name)
+            original = region_side(own_copy, before)
+            if original <= 40:  # never enlarged: linked as it is
+                assert (resized / after.filename).is_symlink() and region_side(resized, after) == original
+                continue
+            # image sides are rounded to whole px; boxes outwards, up to 1 px a side, then grown by the margin
+            assert 40 - 1 <= region_side(resized, after) <= 40 + 2 * (1 + 2 * BOX_MARGIN)
+            crops = [np.asarray(open_image(folder / r.filename, box=[getattr(r, c) for c in BOX_COLUMNS])
+                                .resize((24, 24), Image.Resampling.BOX), dtype=float)
+                     for folder, r in ((own_copy, before), (resized, after))]
+            differences.append(np.abs(crops[0] - crops[1]).mean())
+    # the box still holds the same car: a box left unscaled differs by 20-90 grey levels here
+    assert len(differences) > 100 and np.mean(differences) < 10 and max(differences) < 18
+
+
+def test_cli_makes_a_copy_that_trains_and_a_second_run_keeps_it(layouts, tmp_path):
+    result = run_script("data.py", "--root", tmp_path, "--source", layouts["original"], "--resize", 48, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    resized = tmp_path / "stanford_cars" / "resized_48"
+    assert f"--data {resized}" in result.stdout
+    x, _ = get_dls(resized / "train.csv", size=32, bs=8, crop_bbox=True, workers=0).one_batch()
+    assert x.shape == (8, 3, 32, 32)
+    kept = next(p for p in (resized / "train").iterdir() if not p.is_symlink())
+    written = kept.stat().st_mtime_ns
+    again = run_script("data.py", "--root", tmp_path, "--source", layouts["original"], "--resize", 48)
+    assert again.returncode == 0 and "already made" in again.stdout and kept.stat().st_mtime_ns == written
+
+
+def test_an_interrupted_copy_is_finished_without_redoing_what_is_there(own_copy):
+    resized = resize_copy(own_copy, 40)
+    images = sorted(p for p in (resized / "train").iterdir() if not p.is_symlink())
+    lost, kept = images[0], images[1]
+    written = kept.stat().st_mtime_ns
+    lost.unlink()
+    (resized / "train.csv").unlink()
+    resize_copy(own_copy, 40)
+    assert lost.exists() and kept.stat().st_mtime_ns == written and (resized / "train.csv").exists()
+
+
+def test_an_unreadable_image_is_named(own_copy):
+    first = next(rows(own_copy)).filename
+    (own_copy / first).unlink()
+    (own_copy / first).write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(UserError, match=rf"{first}: cannot be resized"):
+        resize_copy(own_copy, 40)
+    assert not (own_copy / "resized_40" / "train.csv").exists()
+
+
+def test_a_filename_outside_the_folder_is_refused(own_copy):
+    df = pd.read_csv(own_copy / "train.csv")
+    df.loc[3, "filename"] = "../../elsewhere.jpg"
+    df.to_csv(own_copy / "train.csv", index=False)
+    with pytest.raises(UserError, match=r"train.csv: filename '../../elsewhere.jpg' points outside"):
+        resize_copy(own_copy, 40)
