@@ -9,7 +9,8 @@ images/s (timed after `--warmup` batches) and peak memory:
   ceiling   the model alone: a training step on random tensors already on the device,
             in the project's precision and memory format (bf16 + channels-last on a GPU)
   project   the project's unfrozen training stage (data.get_dls + models.create_learner + fastai), from JPEGs
-  loader    the project's training DataLoader alone (decode, resize, augment), no model
+  loader    the project's DataLoader workers alone (decode, crop, resize, to tensor, collate): no model,
+            no batch augmentation (which runs on the GPU where there is one)
   loader_nodraft  the same decoding every JPEG at full size: what draft decoding saves
   project_resized, loader_resized  project and loader reading the copy that `data.py --resize` makes
             once (images shrunk to --resize-px; 320 for the recipe's 299)
@@ -130,9 +131,14 @@ def run_project(args, size, bs, device, folder=None):
 
 
 def run_loader(args, size, bs, device, draft=True, folder=None):
-    """The project's training batches alone, augmentation included, as the model would receive them."""
+    """The work of the project's DataLoader workers alone: decode, crop, resize, to tensor, collate.
+
+    The batch augmentation is left out: in training it runs on the GPU where there is one (and is
+    inside `project` everywhere)."""
+    from fasttransform import Pipeline
     from data import get_dls
     dls = get_dls(Path(folder or args.data) / "train.csv", size, bs, workers=args.workers, draft=draft, device=device)
+    dls.train.after_batch = Pipeline([])
     timer = Timer(args.warmup, args.steps, bs, device)
     while True:
         for _ in dls.train:
