@@ -228,9 +228,11 @@ def main(argv=None):
                         "(320 suits the recipe's 299 px)")
     p.add_argument("--workers", type=int, default=None, help="processes used to check and resize the images")
     args = p.parse_args(argv)
+    from prepare.resize import check_side, resize_copy
+    if args.resize is not None:
+        check_side(args.resize)  # before a long download, not after
     dest = prepare(args.dataset, args.root, args.source, workers=args.workers)
     if args.resize is not None:
-        from prepare.resize import resize_copy
         dest = resize_copy(dest, args.resize, args.workers)
         print(f"train on it with: python run.py --data {dest}")
 

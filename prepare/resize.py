@@ -16,7 +16,13 @@ from PIL import Image
 
 from cli import UserError, atomic
 
+MIN_SIDE = 32
 SAVE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "BMP": "BMP", "TIFF": "TIFF"}
+
+
+def check_side(short_side):
+    if short_side < MIN_SIDE:
+        raise UserError(f"--resize {short_side}: too small to train on (at least {MIN_SIDE}); give the shorter side in px, e.g. 320")
 
 
 def folder_name(short_side):
@@ -67,8 +73,7 @@ def resize_copy(folder, short_side, workers=None):
     if tables_exist(dest):
         print(f"{dest}: already made (delete its train.csv and test.csv to make it again)")
         return dest
-    if short_side < 32:
-        raise UserError(f"--resize {short_side}: too small to train on; give the shorter side in px, e.g. 320")
+    check_side(short_side)
     tables = {split: read_table(folder / f"{split}.csv") for split in SPLITS}
     jobs = []
     for split, df in tables.items():

@@ -89,3 +89,10 @@ def test_a_filename_outside_the_folder_is_refused(own_copy):
     df.to_csv(own_copy / "train.csv", index=False)
     with pytest.raises(UserError, match=r"train.csv: filename '../../elsewhere.jpg' points outside"):
         resize_copy(own_copy, 40)
+
+
+def test_a_size_too_small_is_refused_before_any_download(tmp_path):
+    result = run_script("data.py", "--root", tmp_path, "--resize", 10)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --resize 10: too small to train on (at least 32); give the shorter side in px, e.g. 320"]
+    assert not any(tmp_path.iterdir())
