@@ -279,7 +279,7 @@ def main():
         if args.data is None:
             print(f"generating {args.images} JPEGs of {args.min_px}-{args.max_px} px, {args.classes} classes", file=sys.stderr)
             args.data = str(make_dataset(Path(tmp), args.images, args.classes, args.min_px, args.max_px))
-        if "_resized" in args.modes:
+        if any(m.endswith("_resized") for m in args.modes.split(",")):
             from prepare.resize import resize_copy
             resize_copy(args.data, args.resize_px, args.workers)
         results = []
@@ -313,8 +313,9 @@ def print_table(results, args):
                 ratio = f"compiled/eager {rate['ceiling_compiled'] / rate['ceiling']:.2f}"
             if r["mode"] == "loader" and "loader_nodraft" in rate:
                 ratio = f"draft/nodraft {rate['loader'] / rate['loader_nodraft']:.2f}"
-            if r["mode"].endswith("_resized") and r["mode"][:-8] in rate:
-                ratio = f"resized/full-size {r['images_per_s'] / rate[r['mode'][:-8]]:.2f}"
+            full_size = r["mode"].removesuffix("_resized")
+            if full_size != r["mode"] and full_size in rate:
+                ratio = f"resized/full-size {r['images_per_s'] / rate[full_size]:.2f}"
             if r["mode"] == "score_project" and "score_plain" in rate:
                 ratio = f"project/plain {rate['score_project'] / rate['score_plain']:.2f}"
             print(f"{size:>5} {r['mode']:>16} {r['images_per_s']:>10.1f} {r['peak_mib']:>10.0f}  {ratio}")

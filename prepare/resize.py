@@ -12,6 +12,7 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import pandas as pd
 from PIL import Image
 
 from cli import UserError, atomic
@@ -37,12 +38,16 @@ def scaled_box(box, scale, width, height):
 
 
 def shrink_one(job):
-    """Write one image's shrunk copy (or a link to it) at `target`; return (scale, width, height) or an error line."""
+    """Write one image's shrunk copy (or a link to it) at `target`.
+
+    Returns (shrunk, box): whether it was shrunk, and its box on the copy (None when it has none);
+    or a one-line error."""
     from data import BOX_MARGIN, box_region
     source, target, box, short_side = job
+    has_box = box is not None and not any(pd.isna(v) for v in box)
     try:
         with Image.open(source) as im:
-            left, top, right, bottom = box_region(im.width, im.height, box, BOX_MARGIN)
+            left, top, right, bottom = box_region(im.width, im.height, box if has_box else None, BOX_MARGIN)
             scale = min(1.0, short_side / max(1.0, min(right - left, bottom - top)))
             size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
             if scale < 1 and not target.exists():
@@ -59,14 +64,14 @@ def shrink_one(job):
                 os.symlink(Path(source).resolve(), tmp)
             except OSError:
                 shutil.copy2(source, tmp)
-    return scale, size[0], size[1]
+    return scale < 1, (scaled_box(box, scale, *size) if has_box else None)
 
 
 def resize_copy(folder, short_side, workers=None):
     """Write `<folder>/resized_<short_side>/` with train.csv, test.csv and the shrunk images; return that folder.
 
     Interrupted runs resume: images already written are kept, and the CSVs are written last."""
-    from data import BOX_COLUMNS, read_table
+    from data import BOX_COLUMNS, default_workers, read_table
     from prepare.tables import SPLITS, tables_exist
     folder = Path(folder)
     dest = folder / folder_name(short_side)
@@ -84,7 +89,7 @@ def resize_copy(folder, short_side, workers=None):
                 raise UserError(f"{folder / f'{split}.csv'}: filename {name!r} points outside the dataset folder")
             target.parent.mkdir(parents=True, exist_ok=True)
             jobs.append((folder / name, target, box, short_side))
-    workers = workers or min(os.cpu_count() or 1, 16)
+    workers = workers or default_workers()
     if workers > 1 and len(jobs) > 100:
         with ProcessPoolExecutor(workers) as pool:
             results = list(pool.map(shrink_one, jobs, chunksize=32))
@@ -95,15 +100,13 @@ def resize_copy(folder, short_side, workers=None):
             raise UserError(result)
     start = 0
     for split, df in tables.items():
-        done = results[start:start + len(df)]
-        start += len(df)
+        done, start = results[start:start + len(df)], start + len(df)
         if set(BOX_COLUMNS) <= set(df.columns):
-            for i, (box, (scale, width, height)) in enumerate(zip(df[BOX_COLUMNS].itertuples(index=False, name=None), done)):
-                if scale < 1 and not any(v != v for v in box):  # NaN: no box for this row
-                    df.loc[df.index[i], BOX_COLUMNS] = scaled_box(box, scale, width, height)
+            boxes = [box or (None,) * 4 for _, box in done]
+            df[BOX_COLUMNS] = pd.DataFrame(boxes, index=df.index, dtype="Int64")  # whole px; empty where none
         with atomic(dest / f"{split}.csv") as tmp:
             df.to_csv(tmp, index=False)
-    shrunk = sum(1 for r in results if r[0] < 1)
+    shrunk = sum(shrunk for shrunk, _ in results)
     print(f"{dest}: {len(results)} images, {shrunk} shrunk so the box region is {short_side} px on its shorter side, "
           f"{len(results) - shrunk} linked (already that small)")
     return dest

@@ -9,7 +9,7 @@ from PIL import Image
 
 from cli import UserError
 from conftest import run_script
-from data import BOX_COLUMNS, BOX_MARGIN, box_region, get_dls, open_image
+from data import BOX_COLUMNS, BOX_MARGIN, box_region, get_dls, open_image, prepare
 from prepare.resize import resize_copy
 
 
@@ -48,6 +48,13 @@ def test_box_regions_are_shrunk_to_the_size_and_boxes_follow(own_copy):
             differences.append(np.abs(crops[0] - crops[1]).mean())
     # the box still holds the same car: a box left unscaled differs by 20-90 grey levels here
     assert len(differences) > 100 and np.mean(differences) < 10 and max(differences) < 18
+
+
+def test_without_boxes_the_whole_image_is_shrunk_and_boxes_stay_empty(layouts, tmp_path):
+    resized = resize_copy(prepare("cars", tmp_path, [layouts["class_folders"]]), 40)
+    df = pd.read_csv(resized / "train.csv")
+    assert df[BOX_COLUMNS].isna().all().all()
+    assert {min(Image.open(resized / f).size) for f in df["filename"]} == {40}  # every source is at least 48 px
 
 
 def test_cli_makes_a_copy_that_trains_and_a_second_run_keeps_it(layouts, tmp_path):
