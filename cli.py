@@ -75,24 +75,35 @@ def add_data(p, default="data/stanford_cars"):
                    help="prepared dataset folder holding train.csv and test.csv (see data.py)")
 
 
+FROM_RECIPE = "from the recipe"
+
+
+def add_recipe(p):
+    p.add_argument("--recipe", default=None,
+                   help="a recipe under recipes/ by name, a .toml file, or a run's config.json to run it again "
+                        "(default: fastai_resnext50, the published recipe; with --resume, the run's own)")
+
+
 def add_model_choice(p):
-    p.add_argument("--arch", default="resnext50_32x4d",
-                   help="backbone: a torchvision ResNet/ResNeXt name or any timm model name")
-    p.add_argument("--no-pretrained", action="store_true",
-                   help="start from random weights instead of ImageNet weights")
+    p.add_argument("--arch", default=None,
+                   help=f"backbone: a torchvision ResNet/ResNeXt name or any timm model name (default: {FROM_RECIPE})")
+    p.add_argument("--head", default=None,
+                   help=f"classifier head: concat (fastai's), linear (torchvision's) (default: {FROM_RECIPE})")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"start from ImageNet weights, or (--no-pretrained) from random weights (default: {FROM_RECIPE})")
     p.add_argument("--weights", default=None,
                    help="local backbone weights file (.pth or .safetensors) to use instead of downloading")
 
 
 def add_common_training(p):
-    p.add_argument("--valid-pct", type=float, default=0.0,
-                   help="fraction of train held out for validation (0: train on all of train)")
-    p.add_argument("--seed", type=int, default=42, help="random seed for the split and the run")
-    p.add_argument("--crop-bbox", action="store_true",
-                   help="crop every image to its bounding box (with a margin) before resizing")
-    p.add_argument("--balance", action="store_true",
-                   help="sample training classes evenly (oversample rare classes)")
-    p.add_argument("--loss", choices=["ce", "smooth", "focal"], default="ce",
-                   help="cross-entropy, label-smoothing cross-entropy (0.1) or focal loss (gamma 2)")
+    p.add_argument("--valid-pct", type=float, default=None,
+                   help=f"fraction of train held out for validation; 0 trains on all of train (default: {FROM_RECIPE})")
+    p.add_argument("--seed", type=int, default=None, help=f"random seed for the split and the run (default: {FROM_RECIPE})")
+    p.add_argument("--crop-bbox", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"crop every image to its bounding box (with a margin) before resizing (default: {FROM_RECIPE})")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"sample training classes evenly, oversampling rare ones (default: {FROM_RECIPE})")
+    p.add_argument("--loss", choices=["ce", "smooth", "focal"], default=None,
+                   help=f"cross-entropy, label-smoothing cross-entropy (0.1) or focal loss (gamma 2) (default: {FROM_RECIPE})")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: all CPU cores, at most 16)")

@@ -3,15 +3,18 @@
     python data.py --dataset cars --root data                  # download (tries every known source)
     python data.py --dataset cars --root data --source DIR     # files you already have, any layout
     python data.py --dataset cars --root data --resize 320     # also a copy shrunk for fast training
+    python data.py --dataset folders --source DIR --name NAME [--test-pct 0.2]   # your own class folders
 
 The CSVs have the columns `filename` (relative to the CSV's folder), `bbox_x1..bbox_y2`
-(1-based, empty when the layout has no boxes), `class_id` and `class_name`."""
+(1-based, empty when the layout has no boxes; in pixels of the image as viewers show it, its EXIF
+orientation applied), `class_id` and `class_name`. Every image is read through `load_image`."""
 import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 import cli
 from cli import UserError
@@ -24,17 +27,28 @@ BOX_MARGIN = 0.16  # --crop-bbox grows each box by this fraction of its size on 
 
 # ---------------------------------------------------------------- preparation
 
-def prepare(dataset, root, sources=(), remotes=None, workers=None):
+def prepare(dataset, root, sources=(), remotes=None, workers=None, name=None, test_pct=None, seed=42):
     """Write `<root>/<dataset dir>/train.csv` and `test.csv`; return that folder.
 
     `sources`: folders or archives the user has; none means download. `remotes` overrides
-    the dataset's download sources ({name: [Remote, ...]}), for mirrors and tests."""
+    the dataset's download sources ({name: [Remote, ...]}), for mirrors and tests. For `folders`
+    (a user's own class folders): `name` is the dataset folder's name, and `test_pct` splits one
+    folder of class folders into train and test, stratified by class, fixed by `seed`."""
     from prepare import DATASETS
     from prepare.fetch import DownloadError, extract, fetch_source, is_archive
     from prepare.tables import tables_exist, write_tables
 
     module = DATASETS[dataset]
-    dest = Path(root) / module.DIRNAME
+    if dataset == "folders":
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise UserError("--dataset folders needs --name NAME, a plain folder name for the prepared dataset")
+        if not sources:
+            raise UserError("--dataset folders needs --source DIR, your folder of class folders")
+        if test_pct is not None and not 0 < test_pct < 1:
+            raise UserError(f"--test-pct must be between 0 and 1, got {test_pct}")
+    elif name or test_pct is not None:
+        raise UserError("--name and --test-pct are for --dataset folders")
+    dest = Path(root) / (name if dataset == "folders" else module.DIRNAME)
     if tables_exist(dest):
         print(f"{dest}: already prepared (delete train.csv and test.csv to prepare again)")
         return dest
@@ -62,7 +76,7 @@ def prepare(dataset, root, sources=(), remotes=None, workers=None):
                 failures.append(f"  - {name}: {err}")
         else:
             raise UserError("could not download the dataset; tried:\n" + "\n".join(failures) + "\n" + module.HOW_TO_GET)
-    records = module.find_records(roots)
+    records = module.find_records(roots, test_pct, seed) if dataset == "folders" else module.find_records(roots)
     counts = write_tables(records, dest, workers)
     print(f"{dest}: {counts['train']} train and {counts['test']} test images, "
           f"{len({r.class_id for r in records})} classes")
@@ -81,7 +95,7 @@ def read_table(path):
     if not path.exists():
         raise UserError(f"{path}: no such file (prepare the data first: python data.py --help)")
     try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"class_id": str})
     except pd.errors.EmptyDataError:
         raise UserError(f"{path}: the CSV is empty")
     except Exception as err:
@@ -91,15 +105,38 @@ def read_table(path):
         raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
     if df.empty:
         raise UserError(f"{path}: the CSV has no rows")
-    if not pd.api.types.is_numeric_dtype(df["class_id"]) or df["class_id"].isna().any():
-        bad = df.index[pd.to_numeric(df["class_id"], errors="coerce").isna()][0]
-        raise UserError(f"{path}, row {bad + 1}: class_id {df['class_id'][bad]!r} is not a number")
-    df["class_id"] = df["class_id"].astype(int)
+    _check_cells(df, path)
+    df["class_id"] = pd.to_numeric(df["class_id"]).astype(int)
     if "class_name" not in df.columns:
         df["class_name"] = df["class_id"].astype(str)
     df["filename"] = df["filename"].astype(str)
     df.attrs["folder"] = str(path.parent)
     return df
+
+
+def _check_cells(df, path):
+    """Stop at the first row (1-based, after the header) whose class_id is empty or not a whole number,
+    or whose box is partly filled or not numbers."""
+    ids = pd.to_numeric(df["class_id"], errors="coerce")
+    bad = df["class_id"].isna() | ids.isna() | (ids % 1 != 0)
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        value = df["class_id"].iloc[i]
+        problem = ("is empty" if pd.isna(value) else f"{value!r} is not a number" if pd.isna(ids.iloc[i])
+                   else f"{value!r} is not a whole number")
+        raise UserError(f"{path}, row {i + 1}: class_id {problem}")
+    boxes = [c for c in BOX_COLUMNS if c in df.columns]
+    if not boxes:
+        return
+    if len(boxes) < len(BOX_COLUMNS):
+        raise UserError(f"{path}: has {', '.join(boxes)} but not all of {', '.join(BOX_COLUMNS)}")
+    numbers = df[BOX_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    empty = df[BOX_COLUMNS].isna()
+    bad = (numbers.isna() & ~empty).any(axis=1) | (empty.any(axis=1) & ~empty.all(axis=1))
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        cells = ", ".join(f"{c}={'' if pd.isna(v) else v}" for c, v in df[BOX_COLUMNS].iloc[i].items())
+        raise UserError(f"{path}, row {i + 1}: a box needs four numbers or four empty cells ({cells})")
 
 
 def check_table_images(df, name):
@@ -119,19 +156,69 @@ def class_names(df):
 
 # ---------------------------------------------------------------- images
 
+def load_image(path, draft=None):
+    """(image, (width, height)): the image at `path` decoded as viewers show it, and its full size.
+
+    Every image the project reads goes through here (training, scoring, the preparation check, the
+    `--resize` copy, Aircraft's banner crop), so all of them see the same pixels:
+    - the EXIF orientation is applied (PIL.ImageOps.exif_transpose): a phone photo stored sideways
+      with the tag 'rotate 90°' comes out upright, and (width, height) is the upright size.
+      Bounding boxes are in this upright frame, the image as viewers display it; the datasets'
+      own images carry no orientation tag, so for them both frames are the same;
+    - 16-bit images (mode 'I;16*', or 'I' holding values above 255, as 16-bit PNG, TIFF and PGM
+      open) are scaled to 8 bits (>> 8), not clipped to white; 'I' images with values up to 255
+      are taken as they are;
+    - `draft(width, height) -> (w, h)`, given the upright full size, lets a JPEG be decoded at the
+      smallest DCT scale that still gives at least w x h pixels of the upright image (PIL's
+      draft mode); other formats are decoded at full size.
+    Any other mode is left as stored (L, RGB, RGBA, P, CMYK, ...): `.convert("RGB")` maps each faithfully."""
+    im = Image.open(path)
+    try:
+        if draft is not None and im.format == "JPEG":
+            full = upright_size(im)
+            want = tuple(draft(*full))
+            im.draft(im.mode, want[::-1] if _turned(im) else want)
+        else:
+            full = None
+        ImageOps.exif_transpose(im, in_place=True)  # also loads the pixels
+    except BaseException:
+        im.close()
+        raise
+    if full is None:
+        full = im.size
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+        im = Image.fromarray((np.asarray(im).clip(0, 65535) >> 8).astype(np.uint8), "L")
+    elif im.mode == "I":
+        im = im.convert("L")
+    return im, full
+
+
+def _turned(im):
+    """Whether the image's EXIF orientation turns it a quarter (5-8), swapping width and height."""
+    return im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+
+
+def upright_size(im):
+    """(width, height) of an opened image as viewers show it (its EXIF orientation applied), from the
+    header alone: the pixels are not decoded."""
+    return im.size[::-1] if _turned(im) else im.size
+
+
 def open_image(path, size=None, box=None, margin=0.0):
-    """Open an image as RGB, optionally cropped to `box` (1-based x1,y1,x2,y2) grown by `margin`.
+    """Open an image as RGB, upright (see load_image), optionally cropped to `box` (1-based x1,y1,x2,y2)
+    grown by `margin` on every side, the box being in the upright frame.
 
     With `size`, JPEGs are decoded at the smallest DCT scale that still leaves the region at
     least `size` pixels on each side (PIL's draft mode): the DataLoader workers ran 1.5-2.2x faster
     on 300-1000 px images at 299-128 px (benchmarks/README.md), and the pixels after the resize
     that follows are nearly the same."""
-    im = Image.open(path)
-    width, height = im.size
+    def draft(width, height):
+        left, top, right, bottom = box_region(width, height, box, margin)
+        rw, rh = max(right - left, 1), max(bottom - top, 1)
+        return math.ceil(size * width / rw), math.ceil(size * height / rh)
+
+    im, (width, height) = load_image(path, draft if size else None)
     region = box_region(width, height, box, margin)
-    if size and im.format == "JPEG":
-        rw, rh = max(region[2] - region[0], 1), max(region[3] - region[1], 1)
-        im.draft("RGB", (math.ceil(size * width / rw), math.ceil(size * height / rh)))
     if region != (0, 0, width, height):
         sx, sy = im.size[0] / width, im.size[1] / height
         im = im.crop((int(region[0] * sx), int(region[1] * sy), math.ceil(region[2] * sx), math.ceil(region[3] * sy)))
@@ -166,27 +253,55 @@ def default_workers():
     return min(os.cpu_count() or 1, 16)
 
 
+CROP_PAD = 8  # augment = "flip_crop": px of zero padding around the image before the random crop (seeds/004)
+
+
+def presize(size, crop_pct=1.0):
+    """The size images are resized to before a crop of `size` keeps `crop_pct` of each side (timm's crop_pct)."""
+    return round(size / crop_pct)
+
+
+def item_transforms(size, resize="crop", crop_pct=1.0, augment="fastai"):
+    """fastai item transforms: resize to size / crop_pct by `resize` (fastai's crop, squash or pad), then, with
+    crop_pct < 1 or the flip_crop augmentation, a crop to `size`: random in training, the centre when scoring
+    (fastai's RandomCrop). flip_crop pads CROP_PAD px first and flips half the training images."""
+    from fastai.vision.all import CropPad, FlipItem, RandomCrop, Resize
+    base = presize(size, crop_pct)
+    tfms = [Resize(base, method=resize)]
+    if augment == "flip_crop":  # explicit orders: fastai sorts item transforms by order, and CropPad's is 0
+        tfms += [CropPad(base + 2 * CROP_PAD, order=2), RandomCrop(size, order=3), FlipItem(0.5)]
+    elif base != size:
+        tfms.append(RandomCrop(size, order=3))
+    return tfms
+
+
+def batch_transforms(augment, stats=IMAGENET_STATS):
+    from fastai.vision.all import Normalize, aug_transforms
+    return [*(aug_transforms() if augment == "fastai" else []), Normalize.from_stats(*stats)]
+
+
 def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False, margin=BOX_MARGIN,
-            balance=False, augment=True, workers=None, device=None, stats=IMAGENET_STATS, draft=True):
+            balance=False, augment="fastai", workers=None, device=None, stats=IMAGENET_STATS, draft=True,
+            resize="crop", crop_pct=1.0):
     """fastai DataLoaders for a prepared train.csv.
 
-    Labels are the class ids, so the model's classes are in class-id order. Augmentation is
-    fastai's default (flip, rotate 10°, zoom 1.1, lighting 0.2, warp 0.2) run on the batch,
-    on the GPU when there is one; then ImageNet normalization. `valid_pct=0` trains on all rows.
-    `draft=False` decodes every JPEG at full size (only to measure what draft decoding saves)."""
-    from fastai.vision.all import (CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter,
-                                   Normalize, RandomSplitter, Resize, aug_transforms)
+    Labels are the class ids, so the model's classes are in class-id order. `augment`: "fastai" is fastai's
+    default (flip, rotate 10°, zoom 1.1, lighting 0.2, warp 0.2) run on the batch, on the GPU when there is one;
+    "flip_crop" a horizontal flip and a padded random crop; "none" (or False) nothing. Then ImageNet normalization.
+    `valid_pct=0` trains on all rows. `draft=False` decodes every JPEG at full size (only to measure what draft
+    decoding saves)."""
+    from fastai.vision.all import CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, RandomSplitter
     import fastai.callback.data  # noqa: F401  (adds DataBlock.weighted_dataloaders)
 
+    augment = {True: "fastai", False: "none"}.get(augment, augment)
     df = train_csv if isinstance(train_csv, pd.DataFrame) else read_table(train_csv)
     if crop_bbox and (not set(BOX_COLUMNS) <= set(df.columns) or df[BOX_COLUMNS].isna().all().all()):
         raise UserError(f"{df.attrs.get('folder', 'train.csv')}: --crop-bbox needs bounding boxes, and this dataset has none")
-    batch_tfms = [*(aug_transforms() if augment else []), Normalize.from_stats(*stats)]
     block = DataBlock(blocks=(ImageBlock, CategoryBlock),
-                      get_x=ImageReader(df.attrs["folder"], size if draft else None, crop_bbox, margin),
+                      get_x=ImageReader(df.attrs["folder"], presize(size, crop_pct) if draft else None, crop_bbox, margin),
                       get_y=ColReader("class_id"),
                       splitter=RandomSplitter(valid_pct, seed) if valid_pct else IndexSplitter([]),
-                      item_tfms=Resize(size), batch_tfms=batch_tfms)
+                      item_tfms=item_transforms(size, resize, crop_pct, augment), batch_tfms=batch_transforms(augment, stats))
     kwargs = dict(bs=bs, num_workers=default_workers() if workers is None else workers, device=device)
     if balance:
         counts = df["class_id"].map(df["class_id"].value_counts())
@@ -194,15 +309,17 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
     return block.dataloaders(df, **kwargs)
 
 
-def inference_dl(df, folder, size, bs=64, stats=IMAGENET_STATS, crop_bbox=False, margin=BOX_MARGIN, workers=None, device=None):
+def inference_dl(df, folder, size, bs=64, stats=IMAGENET_STATS, crop_bbox=False, margin=BOX_MARGIN, workers=None,
+                 device=None, resize="crop", crop_pct=1.0):
     """(DataLoaders, loader): the loader goes over every row of `df` (`filename` relative to `folder`), in order, once,
-    resized as validation images are (centre crop) and normalized, with no labels.
+    resized as validation images are (`resize` to size / crop_pct, then the centre `size`) and normalized,
+    with no labels.
 
-    The training augmentation is attached too but applies only under test-time augmentation."""
-    from fastai.vision.all import DataBlock, ImageBlock, IndexSplitter, Normalize, Resize, aug_transforms
-    block = DataBlock(blocks=(ImageBlock,), get_x=ImageReader(folder, size, crop_bbox, margin),
-                      splitter=IndexSplitter([]), item_tfms=Resize(size),
-                      batch_tfms=[*aug_transforms(), Normalize.from_stats(*stats)])
+    fastai's default augmentation is attached too but applies only under test-time augmentation."""
+    from fastai.vision.all import DataBlock, ImageBlock, IndexSplitter
+    block = DataBlock(blocks=(ImageBlock,), get_x=ImageReader(folder, presize(size, crop_pct), crop_bbox, margin),
+                      splitter=IndexSplitter([]), item_tfms=item_transforms(size, resize, crop_pct, "none"),
+                      batch_tfms=batch_transforms("fastai", stats))
     dls = block.dataloaders(df, bs=bs, num_workers=default_workers() if workers is None else workers, device=device)
     return dls, dls.test_dl(df, bs=bs, shuffle=False, drop_last=False)
 
@@ -218,10 +335,15 @@ def main(argv=None):
     from prepare import DATASETS
     p = cli.parser("Prepare a fine-grained dataset: download it, or import files you have, into train.csv and test.csv.")
     p.add_argument("--dataset", choices=sorted(DATASETS), default="cars",
-                   help="cars: Stanford Cars (196); aircraft: FGVC-Aircraft variants (100); cub: CUB-200-2011 (200)")
+                   help="cars: Stanford Cars (196); aircraft: FGVC-Aircraft variants (100); cub: CUB-200-2011 (200); "
+                        "folders: your own class folders (--source DIR --name NAME)")
     p.add_argument("--root", default="data", help="folder under which the dataset folder is made")
     p.add_argument("--source", action="append", default=[],
                    help="a folder or archive you already have (repeatable); without it the data is downloaded")
+    p.add_argument("--name", default=None, help="--dataset folders: the prepared dataset's folder name under --root")
+    p.add_argument("--test-pct", type=float, default=None,
+                   help="--dataset folders, one folder of class folders: the share of each class held out as test")
+    p.add_argument("--seed", type=int, default=42, help="--dataset folders: the seed of the --test-pct split")
     p.add_argument("--resize", type=int, default=None, metavar="PX",
                    help="also write <dataset>/resized_PX/, a copy whose images are shrunk once so that their box region "
                         "(the whole image without boxes) is PX on its shorter side; train on it with --data for speed "
@@ -231,7 +353,8 @@ def main(argv=None):
     from prepare.resize import check_side, resize_copy
     if args.resize is not None:
         check_side(args.resize)  # before a long download, not after
-    dest = prepare(args.dataset, args.root, args.source, workers=args.workers)
+    dest = prepare(args.dataset, args.root, args.source, workers=args.workers, name=args.name, test_pct=args.test_pct,
+                   seed=args.seed)
     if args.resize is not None:
         dest = resize_copy(dest, args.resize, args.workers)
         print(f"train on it with: python run.py --data {dest}")

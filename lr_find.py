@@ -1,8 +1,12 @@
-"""The learning-rate range test (fastai's LR finder) before a stage of the recipe: a plot of
+"""The learning-rate range test (fastai's LR finder) before a stage of a recipe: a plot of
 loss against learning rate, saved as a PNG with fastai's suggestions marked, and printed.
 
     python lr_find.py --stage frozen                              # loss_plot_frozen.png
-    python lr_find.py --stage unfrozen --model runs/NAME          # after the frozen stage, as the original did"""
+    python lr_find.py --stage unfrozen --model runs/NAME          # after the frozen stage, as the original did
+    python lr_find.py --recipe resnets_sgd --stage unfrozen       # another recipe's model, optimizer and data
+
+The model, head, loss, optimizer and data settings come from the recipe (--recipe, default
+fastai_resnext50), the image and batch size from its first stage that trains that way."""
 import json
 import sys
 from pathlib import Path
@@ -14,17 +18,18 @@ from cli import UserError
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     cli.add_data(p)
+    cli.add_recipe(p)
     cli.add_model_choice(p)
     p.add_argument("--stage", choices=["frozen", "unfrozen"], default="frozen",
                    help="test with the body frozen (except BatchNorm) or unfrozen")
     p.add_argument("--model", default=None,
                    help="start from this trained model folder (from run.py) instead of the backbone's ImageNet weights")
-    p.add_argument("--size", type=int, default=224, help="image size")
-    p.add_argument("--bs", type=int, default=32, help="batch size")
+    p.add_argument("--size", type=int, default=None, help="image size (default: from the recipe's stage)")
+    p.add_argument("--bs", type=int, default=None, help="batch size (default: from the recipe's stage)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="smallest learning rate tried")
     p.add_argument("--end-lr", type=float, default=10.0, help="largest learning rate tried")
     p.add_argument("--num-it", type=int, default=100, help="number of mini-batches (learning rates) tried")
-    p.add_argument("--wd", type=float, default=1e-3, help="AdamW weight decay")
+    p.add_argument("--wd", type=float, default=None, help="weight decay (default: from the recipe's stage)")
     cli.add_common_training(p)
     p.add_argument("--out", default=".", help="folder for loss_plot_<stage>.png and lr_find_<stage>.json")
     args = p.parse_args(argv)
@@ -44,17 +49,26 @@ def main(argv=None):
     from models import create_learner, load_trained
     from train import show_bars, use_device
 
+    import recipe as recipes
+    where, raw = recipes.load(args.recipe)
+    recipe = recipes.resolve(raw, recipes.overrides(args), where)
+    if args.model and (Path(args.model) / "model.json").exists():  # the trained model's own architecture and head
+        meta = json.loads((Path(args.model) / "model.json").read_text())
+        recipe.update(arch=meta.get("arch", recipe["arch"]), head=meta.get("head", recipe["head"]))
+    want = "frozen" if args.stage == "frozen" else "all"
+    stage = next((s for s in recipe["stages"] if s["train"] == want), recipe["stages"][0])
+    size, bs = args.size or stage["size"], args.bs or stage["bs"]
     data = Path(args.data)
     if not data.is_dir():
         raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
-    set_seed(args.seed)
+    set_seed(recipe["seed"])
     train_df = read_table(data / "train.csv")
     check_table_images(train_df, data / "train.csv")
-    dls = get_dls(train_df, args.size, args.bs, args.valid_pct, args.seed, args.crop_bbox,
-                  balance=args.balance, workers=args.workers)
-    pretrained = not args.no_pretrained and args.model is None
-    arch = json.loads((Path(args.model) / "model.json").read_text())["arch"] if args.model and (Path(args.model) / "model.json").exists() else args.arch
-    learn = create_learner(dls, arch, pretrained=pretrained, weights=args.weights, wd=args.wd, loss=args.loss)
+    dls = get_dls(train_df, size, bs, recipe["valid_pct"], recipe["seed"], recipe["crop_bbox"], balance=recipe["balance"],
+                  augment=recipe["augment"], resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers)
+    arch = recipe["arch"]
+    learn = create_learner(dls, arch, pretrained=recipe["pretrained"] and args.model is None, weights=args.weights,
+                           wd=stage["wd"], loss=recipe["loss"], head=recipe["head"], opt=stage["opt"], mom=stage["mom"])
     if args.model:
         trained, meta = load_trained(args.model)
         if len(meta["classes"]) != dls.c:
@@ -72,7 +86,7 @@ def main(argv=None):
                         f"suggest one; try a smaller --end-lr (now {args.end_lr:g}) or a larger --num-it")
     names = [f.__name__ for f in funcs]
     fig = plt.gcf()
-    fig.axes[0].set_title(f"LR range test: {arch}, {args.stage}, {args.size} px")
+    fig.axes[0].set_title(f"LR range test: {arch}, {args.stage}, {size} px")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"loss_plot_{args.stage}.png"

@@ -44,21 +44,69 @@ def recipe_splitter(model):
     return L(model[0][:6], model[0][6:], model[1:]).map(params)
 
 
-def build_model(arch, n_out, pretrained=False):
-    """Body + fastai head (avg+max pool, BN, dropout 0.25, 512, ReLU, BN, dropout 0.5, n_out)."""
-    from fastai.vision.learner import add_head, create_body, create_timm_model, num_features_model
+def splitter_for(arch):
+    """torchvision ResNets: the recipe's three groups; timm bodies: fastai's body/head split."""
+    from fastai.vision.learner import default_split
+    return recipe_splitter if resolve_arch(arch)[0] == "torchvision" else default_split
+
+
+# head name -> fastai create_head options; other heads (bilinear, localize) are built in heads.py
+FASTAI_HEADS = {
+    "concat": {},  # fastai's default: avg+max pool, BN, dropout 0.25, 512, ReLU, BN, dropout 0.5, n_out
+    "linear": dict(concat_pool=False, lin_ftrs=[], first_bn=False, ps=0.0),  # torchvision's: average pool, one linear layer
+}
+HEADS = tuple(FASTAI_HEADS)
+
+
+def build_body(arch, pretrained=False):
+    """The backbone cut before its pooling: a torchvision ResNet's children, or fastai's TimmBody."""
+    from fastai.vision.learner import TimmBody, create_body
+    import timm
     import torchvision
     kind, name = resolve_arch(arch)
     try:
-        if kind == "torchvision":  # fastai's model_meta lacks the ResNeXts, so cut and head are set here
-            body = create_body(getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None), cut=-2)
-            return add_head(body, num_features_model(body), n_out)
-        return create_timm_model(name, n_out, pretrained=pretrained)[0]
+        if kind == "torchvision":  # fastai's model_meta lacks the ResNeXts, so the cut is set here
+            return create_body(getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None), cut=-2)
+        return TimmBody(timm.create_model(name, pretrained=pretrained, num_classes=0), pretrained)
     except Exception as err:
         if not pretrained:
             raise
         raise UserError(f"could not fetch ImageNet weights for {arch} ({type(err).__name__}: {str(err)[:200]}); "
                         "pass a local file with --weights PATH, or train from scratch with --no-pretrained")
+
+
+def build_model(arch, n_out, pretrained=False, head="concat"):
+    """nn.Sequential(body, head): model[0] is the backbone, model[1:] the head, as fastai's splitters expect."""
+    from fastai.vision.learner import add_head, num_features_model
+    if head not in HEADS:
+        raise UserError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
+    body = build_body(arch, pretrained)
+    n_features = body.model.num_features if hasattr(body, "model") else num_features_model(body)
+    return add_head(body, n_features, n_out, pool=getattr(body, "needs_pool", True), **FASTAI_HEADS[head])
+
+
+def body_blocks(model):
+    """The backbone's blocks in order, each a list of modules: a torchvision ResNet's residual blocks,
+    or timm's own grouping of its model into blocks (`group_matcher`)."""
+    body = model[0]
+    if hasattr(body, "model"):  # fastai's TimmBody
+        from timm.models import group_modules
+        named = dict(body.model.named_modules())
+        groups = group_modules(body.model, body.model.group_matcher(coarse=False))
+        return [[named[n] for n in names if n in named] for names in groups.values()]
+    return [[block] for layer in body[4:] for block in layer]
+
+
+def reinit_last_blocks(model, n):
+    """Re-initialize the backbone's last `n` blocks (seeds/002's later phases); returns their parameters."""
+    blocks = body_blocks(model)
+    if not 1 <= n <= len(blocks):
+        raise UserError(f"blocks = {n}: this backbone has {len(blocks)} blocks to re-initialize")
+    modules = [m for block in blocks[-n:] for top in block for m in top.modules()]
+    for m in modules:
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return [p for m in modules for p in m.parameters(recurse=False)]
 
 
 def read_state_dict(path):
@@ -114,19 +162,27 @@ def make_loss(name):
     return getattr(losses, LOSSES[name])(**kwargs)
 
 
-def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path="."):
-    """A fastai Learner as the recipe sets it: AdamW (beta2 0.99, decoupled weight decay `wd`; one-cycle cycles beta1),
+def make_opt(name="adam", mom=0.9):
+    """fastai's optimizers: `adam` is AdamW (decoupled weight decay, beta2 0.99); `sgd` is SGD with momentum and
+    L2 weight decay, as torch.optim.SGD and the write-ups that use it (seeds/003, 004)."""
+    from functools import partial
+    from fastai.optimizer import SGD, Adam
+    if name == "sgd":
+        return partial(SGD, mom=mom, decouple_wd=False)
+    return partial(Adam, mom=mom, sqr_mom=0.99)
+
+
+def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path=".",
+                   head="concat", opt="adam", mom=0.9):
+    """A fastai Learner: the backbone and head, the loss, the optimizer (AdamW by default; one-cycle cycles its beta1),
     BatchNorm trained even when frozen, and the body frozen when it starts from ImageNet weights."""
     from fastai.learner import Learner
     from fastai.metrics import accuracy
-    from fastai.optimizer import Adam
-    kind, _ = resolve_arch(arch)
-    model = build_model(arch, dls.c, pretrained=pretrained and weights is None)
+    model = build_model(arch, dls.c, pretrained=pretrained and weights is None, head=head)
     if weights is not None:
         load_backbone_weights(model, arch, weights)
-    splitter = recipe_splitter if kind == "torchvision" else None
-    learn = Learner(dls, model, loss_func=make_loss(loss), opt_func=Adam, wd=wd, train_bn=True, path=path,
-                    metrics=[accuracy, top5_accuracy], **({"splitter": splitter} if splitter else {}))
+    learn = Learner(dls, model, loss_func=make_loss(loss), opt_func=make_opt(opt, mom), wd=wd, train_bn=True, path=path,
+                    splitter=splitter_for(arch), metrics=[accuracy, top5_accuracy])
     if pretrained or weights is not None:
         learn.freeze()
     return learn
@@ -167,7 +223,7 @@ def load_trained(folder):
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{folder / WEIGHTS_FILE}: not a safetensors file, refusing to load it ({err})")
-    model = build_model(arch, len(classes), pretrained=False)
+    model = build_model(arch, len(classes), pretrained=False, head=meta.get("head", "concat"))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

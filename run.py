@@ -1,4 +1,5 @@
-"""The published Stanford Cars recipe end to end (../shared/REFERENCE.md §1, seeds/000), on today's fastai.
+"""Train a recipe end to end, then score the test set once. The default is the published Stanford Cars
+recipe (seeds/000, recipes/fastai_resnext50.toml):
 
   model   ImageNet-pretrained ResNeXt50-32x4d, fastai's concat-pool head, 3 parameter groups
   optim   AdamW (beta2 0.99; beta1 cycled 0.95-0.85-0.95 by one-cycle), weight decay 1e-3, one-cycle per stage
@@ -6,47 +7,81 @@
   stage 2 unfrozen, 40 epochs, 224 px, batch 32, max lr 3e-3, /3 per earlier group
   stage 3 progressive resize: 40 epochs, 299 px, batch 16, same lrs
   data    fastai's default augmentation, ImageNet normalization, no validation split (all of train)
-Then the test set is scored once: every image, in order, no augmentation."""
+
+Other write-ups' systems: --recipe NAME (recipes/README.md); --show prints a recipe resolved and exits.
+Every flag below overrides its part of the recipe. The test set is scored once at the end: every image,
+in order, no augmentation; nothing is ever chosen on it."""
 import json
 import sys
 import time
 from pathlib import Path
 
 import cli
-from cli import UserError
-
+import recipe as recipes
+from cli import UserError, atomic
 
 RUN_FILES = ("progress.json", "history.csv", "checkpoint.pth", "model.safetensors", "metrics.json")
+DEFAULT_DATA = "data/stanford_cars"
 
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
-    cli.add_data(p)
+    p.add_argument("--data", default=None, help=f"prepared dataset folder holding train.csv and test.csv "
+                                                f"(default: {DEFAULT_DATA}; with --resume, the run's)")
+    cli.add_recipe(p)
+    p.add_argument("--show", action="store_true", help="print the recipe, resolved with the flags given, and exit")
     cli.add_model_choice(p)
-    p.add_argument("--epochs", type=cli.int_list, default="20,40,40", help="epochs of the frozen, unfrozen and resized stages")
-    p.add_argument("--sizes", type=cli.int_list, default="224,299", help="image size of stages 1-2, then of stage 3")
-    p.add_argument("--bs", type=cli.int_list, default="32,16", help="batch size of stages 1-2, then of stage 3")
-    p.add_argument("--lr", type=cli.float_list, default="1e-2,3e-3",
-                   help="max learning rate of the head in the frozen stage, then in the unfrozen stages")
-    p.add_argument("--wd", type=float, default=1e-3, help="AdamW weight decay")
+    p.add_argument("--epochs", type=cli.int_list, default=None,
+                   help="epochs per stage; for the default recipe: frozen, unfrozen, resized (20,40,40)")
+    p.add_argument("--sizes", type=cli.int_list, default=None,
+                   help="image size per stage, or per run of stages sharing a size (default recipe: 224,299)")
+    p.add_argument("--bs", type=cli.int_list, default=None,
+                   help="batch size per stage, or per run of stages sharing one (default recipe: 32,16)")
+    p.add_argument("--lr", type=cli.float_list, default=None,
+                   help="max learning rate of the head per stage, or per run of stages sharing one "
+                        "(default recipe: 1e-2,3e-3, frozen then unfrozen); earlier groups get it / lr_div")
+    p.add_argument("--wd", type=float, default=None, help="weight decay of every stage (default: from the recipe)")
     cli.add_common_training(p)
-    p.add_argument("--out", default="runs/resnext50", help="folder for the model, checkpoints, history and metrics")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last completed epoch")
-    args = p.parse_args(argv)
-    for name, n in (("epochs", 3), ("sizes", 2), ("bs", 2), ("lr", 2)):
-        if len(getattr(args, name)) != n:
-            p.error(f"--{name} takes {n} comma-separated values, got {getattr(args, name)}")
-    if not 0 <= args.valid_pct < 1:
-        p.error(f"--valid-pct must be in [0, 1), got {args.valid_pct}")
-    return args
+    p.add_argument("--out", default=None, help="folder for the model, checkpoints, history and metrics "
+                                               "(default: runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last completed epoch, with the run's recipe and data")
+    return p.parse_args(argv)
 
 
-def recipe_stages(args):
-    from train import Stage
-    (e1, e2, e3), (s1, s2), (b1, b2), (lr1, lr2) = args.epochs, args.sizes, args.bs, args.lr
-    stages = [Stage("frozen", e1, s1, b1, lr1, frozen=True), Stage("unfrozen", e2, s1, b1, lr2, frozen=False),
-              Stage("resized", e3, s2, b2, lr2, frozen=False)]
-    return [s for s in stages if s.epochs > 0]
+def resolve(args):
+    """(recipe, data folder, out folder, config.json's content) from the flags; with --resume, the run's own,
+    refusing any flag that differs. config.json keeps the resolved recipe (what `--recipe config.json` runs again),
+    and the recipe file and flags it was resolved from."""
+    given = recipes.overrides(args)
+    if args.resume:
+        if args.out is None:
+            raise UserError("--resume needs --out, the run folder to continue")
+        out = Path(args.out)
+        config_path = out / "config.json"
+        if not (out / "progress.json").exists() or not config_path.exists():
+            raise UserError(f"{out}: nothing to resume (no progress.json and config.json)")
+        try:
+            config = json.loads(config_path.read_text())
+            source, run_given = config["source"], config["overrides"]
+            run_recipe = recipes.resolve(source, run_given, str(config_path))
+            data = Path(config["run"]["data"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise UserError(f"{config_path}: not a run configuration ({type(err).__name__}: {err})")
+        if args.recipe is not None and recipes.load(args.recipe)[1]["name"] != run_recipe["name"]:
+            raise UserError(f"--recipe {args.recipe} differs from the run's recipe {run_recipe['name']!r} "
+                            f"({config_path}); resume continues the run as it started")
+        diff = recipes.differences(run_recipe, source, run_given, given)
+        if diff:
+            raise UserError(f"{diff} ({config_path}); resume continues the run as it started: drop the flag, "
+                            "or start a new run with another --out")
+        if args.data is not None and Path(args.data).resolve() != data.resolve():
+            raise UserError(f"--data {args.data} differs from the run's {data} ({config_path})")
+        return run_recipe, data, out, config
+    where, raw = recipes.load(args.recipe)
+    recipe = recipes.resolve(raw, given, where)
+    config = {"recipe": recipe, "source": raw, "overrides": given}  # the source and flags, to check a resume against
+    return recipe, Path(args.data or DEFAULT_DATA), Path(args.out or f"runs/{recipe['name']}"), config
 
 
 def score(learn, test_df):
@@ -62,53 +97,74 @@ def score(learn, test_df):
             "test_top5": float((top5 == targets[:, None]).any(1).float().mean()), "test_images": len(targets)}
 
 
-def model_meta(args, learn, train_df):
+def model_meta(recipe, learn, train_df):
+    """model.json: what test.py and models.load_trained need to rebuild and feed the model, without unpickling."""
     from data import BOX_MARGIN, IMAGENET_STATS, class_names
     names = class_names(train_df)
-    return {"arch": args.arch, "classes": [{"id": int(c), "name": names[int(c)]} for c in learn.dls.vocab],
-            "image_size": args.sizes[1] if args.epochs[2] else args.sizes[0], "resize": "crop",
+    return {"arch": recipe["arch"], "head": recipe["head"], "recipe": recipe["name"],
+            "classes": [{"id": int(c), "name": names[int(c)]} for c in learn.dls.vocab],
+            "image_size": recipes.final_size(recipe), "resize": recipe["resize"], "crop_pct": recipe["crop_pct"],
             "normalize": {"mean": IMAGENET_STATS[0], "std": IMAGENET_STATS[1]},
-            "crop_bbox": args.crop_bbox, "bbox_margin": BOX_MARGIN}
+            "crop_bbox": recipe["crop_bbox"], "bbox_margin": BOX_MARGIN}
+
+
+def seconds_per_stage(out):
+    """Training seconds of each stage from history.csv, so that a resumed run counts the time before the kill too."""
+    import pandas as pd
+    history = pd.read_csv(out / "history.csv")
+    return {str(k): round(float(v), 2) for k, v in history.groupby("stage", sort=False)["seconds"].sum().items()}
+
+
+def write_json(path, obj):
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
+    recipe, data, out, config = resolve(args)
+    if args.show:
+        print(recipes.describe(recipe))
+        return
     from fastai.torch_core import set_seed
     from data import check_table_images, get_dls, read_table
     from models import create_learner, save_trained
-    from dataclasses import asdict
-    from train import run_stages, use_device
+    from train import Stage, run_stages, use_device
 
-    data, out = Path(args.data), Path(args.out)
     if not data.is_dir():
         raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
     if any((out / name).exists() for name in RUN_FILES) and not args.resume:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
-    if args.resume and not (out / "progress.json").exists():
-        raise UserError(f"{out}: nothing to resume (no progress.json)")
     train_df, test_df = read_table(data / "train.csv"), read_table(data / "test.csv")
     check_table_images(train_df, data / "train.csv")
     check_table_images(test_df, data / "test.csv")
-    stages = recipe_stages(args)
-    set_seed(args.seed)
+    stages = [Stage(**s) for s in recipe["stages"]]
+    set_seed(recipe["seed"])
 
     def make_dls(size, bs):
-        return get_dls(train_df, size, bs, args.valid_pct, args.seed, args.crop_bbox, balance=args.balance, workers=args.workers)
+        return get_dls(train_df, size, bs, recipe["valid_pct"], recipe["seed"], recipe["crop_bbox"], balance=recipe["balance"],
+                       augment=recipe["augment"], resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers)
 
-    learn = create_learner(make_dls(stages[0].size, stages[0].bs), args.arch, pretrained=not args.no_pretrained,
-                           weights=args.weights, loss=args.loss, wd=args.wd, path=out)
+    first = next(s for s in stages if s.epochs)
+    learn = create_learner(make_dls(first.size, first.bs), recipe["arch"], pretrained=recipe["pretrained"],
+                           weights=args.weights, loss=recipe["loss"], path=out, head=recipe["head"],
+                           opt=first.opt, mom=first.mom)
     device = use_device(learn)
-    print(f"training {args.arch} on {device}", file=sys.stderr if "CPU" in device else sys.stdout)
+    print(f"training {recipe['arch']} ({recipe['name']} recipe) on {device}", file=sys.stderr if "CPU" in device else sys.stdout)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**vars(args), "stages": [asdict(s) for s in stages]}, indent=2))
+    if not args.resume:
+        write_json(out / "config.json", {**config, "run": {"data": str(data), "world_size": 1, "argv": argv}})
     started = time.time()
-    seconds = run_stages(learn, stages, make_dls, out, resume=args.resume)
+    run_stages(learn, stages, make_dls, out, resume=args.resume)
+    last = [s for s in stages if s.epochs][-1]
+    learn.dls = make_dls(last.size, last.bs)  # score at the size the model was last trained at, also on a resumed run
     eval_started = time.time()
     metrics = score(learn, test_df)
-    metrics.update(seconds_per_stage=seconds, scoring_seconds=round(time.time() - eval_started, 2),
+    metrics.update(seconds_per_stage=seconds_per_stage(out), scoring_seconds=round(time.time() - eval_started, 2),
                    total_seconds=round(time.time() - started, 2), device=device)
-    save_trained(learn.model, out, model_meta(args, learn, train_df))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_trained(learn.model, out, model_meta(recipe, learn, train_df))
+    write_json(out / "metrics.json", metrics)
     print(f"test accuracy: {metrics['test_top1']:.4f} (top-5 {metrics['test_top5']:.4f}) on {metrics['test_images']} images")
     print(f"model, history.csv and metrics.json are in {out}")
 

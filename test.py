@@ -111,8 +111,11 @@ def match_labels(labels, classes, csv):
     """Model output index for each label, matched by class id or class name, never by position."""
     by_id = {int(c["id"]): i for i, c in enumerate(classes)}
     by_name = {str(c["name"]).strip().lower(): i for i, c in enumerate(classes)}
+    known = ", ".join(map(str, sorted(by_id))) if len(by_id) <= 12 else f"{min(by_id)}..{max(by_id)}"
     indices = []
     for row, value in enumerate(labels):
+        if pd.isna(value) or not str(value).strip():
+            raise UserError(f"{csv}, row {row + 1}: the label is empty")
         text = str(value).strip()
         index = None
         try:
@@ -125,7 +128,7 @@ def match_labels(labels, classes, csv):
             index = by_name.get(text.lower())
         if index is None:
             raise UserError(f"{csv}, row {row + 1}: label {text!r} is not a class of this model "
-                            f"(ids {min(by_id)}..{max(by_id)}, or a class name)")
+                            f"(ids {known}, or a class name)")
         indices.append(index)
     return np.array(indices)
 
@@ -158,20 +161,42 @@ def predict(model, meta, df, folder, bs, tta=False, workers=None):
     if meta.get("crop_bbox") and not crop:
         print("note: the model was trained on box crops, but the CSV has no bbox_x1..bbox_y2 columns: scoring whole images",
               file=sys.stderr)
-    dls, dl = inference_dl(df, folder, int(meta["image_size"]), bs, stats, crop, meta.get("bbox_margin", BOX_MARGIN), workers)
+    dls, dl = inference_dl(df, folder, int(meta["image_size"]), bs, stats, crop, meta.get("bbox_margin", BOX_MARGIN), workers,
+                           resize=meta.get("resize", "crop"), crop_pct=float(meta.get("crop_pct", 1.0)))
     learn = Learner(dls, model.to(dls.device), loss_func=CrossEntropyLossFlat())
     show_bars(learn, sys.stdout.isatty())
     probs = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
     return probs.float()
 
 
+def confusion_matrix(true, pred, n):
+    """n x n counts: row = true class, column = predicted class (model output indices 0..n-1)."""
+    true, pred = np.asarray(true, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    return np.bincount(true * n + pred, minlength=n * n).reshape(n, n)
+
+
+def per_class_table(true, pred, classes):
+    """One row per true class present: class_id, class_name, images (of that true class), correct, accuracy;
+    worst first (ties by class id)."""
+    ids = np.array([int(c["id"]) for c in classes])
+    names = np.array([str(c["name"]) for c in classes])
+    true, pred = np.asarray(true), np.asarray(pred)
+    rows = pd.DataFrame({"index": true, "correct": true == pred})
+    table = rows.groupby("index")["correct"].agg(images="count", correct="sum").reset_index()
+    table.insert(0, "class_id", ids[table["index"]])
+    table.insert(1, "class_name", names[table["index"]])
+    table["accuracy"] = (table["correct"] / table["images"]).round(4)
+    return table.drop(columns="index").sort_values(["accuracy", "class_id"], ignore_index=True)
+
+
 def confusion_png(true, pred, classes, path, most=20):
-    """The confusion matrix over the `most` classes involved in the most errors, labelled, as a PNG."""
+    """The confusion matrix (rows: true class, columns: predicted; see confusion_matrix) over the `most`
+    classes involved in the most errors, labelled, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(classes)
-    matrix = np.bincount(true * n + pred, minlength=n * n).reshape(n, n)
+    matrix = confusion_matrix(true, pred, n)
     errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)
     keep = np.sort(np.argsort(-errors, kind="stable")[: min(most, n)])
     sub = matrix[np.ix_(keep, keep)]
@@ -225,11 +250,8 @@ def report(df, probs, classes, true, out):
     top5 = float((top == true[:, None]).any(1).mean())
     print(f"accuracy: {top1:.4f}")
     print(f"top-5 accuracy: {top5:.4f}")
-    per_class = preds.groupby(["true_id", "true_name"], sort=False)["correct"].agg(images="count", correct="sum").reset_index()
-    per_class["accuracy"] = (per_class["correct"] / per_class["images"]).round(4)
     stem = Path(out).with_suffix("")
-    write_csv(per_class.sort_values(["accuracy", "true_id"]).rename(columns={"true_id": "class_id", "true_name": "class_name"}),
-              f"{stem}_per_class.csv")
+    write_csv(per_class_table(true, top[:, 0], classes), f"{stem}_per_class.csv")
     confusion_png(true, top[:, 0], classes, f"{stem}_confusion.png")
     wrong = preds[~preds["correct"]]
     pairs = wrong.groupby(["true_name", "pred_name"]).size().sort_values(ascending=False).head(5)

@@ -1,10 +1,12 @@
-"""Training stages over a fastai Learner: frozen, unfrozen with discriminative learning rates,
-and progressive resizing, each a one-cycle fit; with a checkpoint after every epoch, a CSV
-history and resuming a killed run from its last completed epoch.
+"""Training stages over a fastai Learner, as a recipe lists them (recipe.py): each stage sets what trains
+(the body frozen with BatchNorm training, the whole network, or the last blocks re-initialized), the
+optimizer, the image and batch size, and the schedule; with a checkpoint after every epoch, a CSV
+history, and resuming a killed run from its last completed epoch.
 
-fastai does the training (fit_one_cycle, freeze/unfreeze, slice learning rates, AMP). Written
-here: the checkpoint and history callbacks, because fastai's SaveModelCallback and CSVLogger
-neither write atomically nor record the stage, image size and learning rates of each epoch."""
+fastai does the training: fit_one_cycle, fit_flat_cos and fit, ParamScheduler with SchedCos, freeze and
+unfreeze, discriminative learning rates, EarlyStoppingCallback, AMP. Written here: the checkpoint and
+history callbacks, because fastai's SaveModelCallback and CSVLogger neither write atomically nor record
+the stage, image size and learning rates of each epoch; and the step-decay schedule, which fastai lacks."""
 import csv
 import json
 import sys
@@ -18,26 +20,36 @@ from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.progress import ProgressCallback
 from fastcore.foundation import L
 
-from cli import atomic
+from cli import UserError, atomic
 
 CHECKPOINT, PROGRESS, HISTORY, BEST = "checkpoint.pth", "progress.json", "history.csv", "best.pth"
-HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "lrs", "train_loss", "valid_loss", "accuracy", "top5_accuracy", "seconds"]
+HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "opt", "lrs", "lrs_end", "train_loss", "valid_loss", "accuracy",
+                   "top5_accuracy", "seconds"]
 
 
 @dataclass
 class Stage:
-    """One one-cycle fit of the recipe."""
+    """One fit of a recipe (recipes/README.md explains each field)."""
     name: str
     epochs: int
     size: int
     bs: int
-    lr: float          # max learning rate of the head; earlier groups get lr/3, lr/9
-    frozen: bool
+    lr: float               # max learning rate of the head; each earlier parameter group gets lr / lr_div more
+    lr_div: float = 1.0
+    opt: str = "adam"
+    mom: float = 0.9
+    wd: float = 0.0
+    schedule: str = "one_cycle"
+    step_every: int = 1
+    step_gamma: float = 0.1
+    train: str = "all"      # frozen | all | reinit
+    blocks: int = 0
+    patience: int = 0
 
 
-def group_lrs(lr, n_groups=3):
-    """The recipe's discriminative rates, earliest group first: divided by 3 for each earlier group."""
-    return [lr / 3 ** (n_groups - 1 - k) for k in range(n_groups)]
+def group_lrs(lr, n_groups=3, div=3.0):
+    """Discriminative rates, earliest group first: divided by `div` for each earlier group."""
+    return [lr / div ** (n_groups - 1 - k) for k in range(n_groups)]
 
 
 def n_groups(learn):
@@ -64,7 +76,7 @@ class EpochRecord(Callback):
     """After each epoch: a history.csv row, an atomic checkpoint (model + optimizer), progress.json,
     the best model by validation accuracy when there is a validation set, and one printed line
     when no progress bar is shown (a log file or CI)."""
-    order = 60  # after the Recorder (50) has the epoch's losses and metrics
+    order = 55  # after the Recorder (50) has the epoch's losses and metrics; before early stopping (63) ends the fit
 
     def __init__(self, out, stage_index, stage, print_lines):
         self.out, self.stage_index, self.stage, self.print_lines = Path(out), stage_index, stage, print_lines
@@ -81,9 +93,12 @@ class EpochRecord(Callback):
         rec = self.learn.recorder
         values = dict(zip(rec.metric_names, rec.log))
         has_valid = len(self.dls.valid_ds) > 0
-        lrs = group_lrs(self.stage.lr, len(self.opt.param_lists))
+        lrs = group_lrs(self.stage.lr, len(self.opt.param_lists), self.stage.lr_div)
         row = {"stage": self.stage.name, "epoch": self.epoch + 1, "size": self.stage.size, "bs": self.stage.bs,
-               "lrs": ";".join(f"{lr:.3g}" for lr in lrs), "train_loss": _num(values.get("train_loss")),
+               "opt": optimizer_name(self.opt),
+               "lrs": ";".join(f"{lr:.3g}" for lr in lrs),
+               "lrs_end": ";".join(f"{h['lr']:.4g}" for h in self.opt.hypers),  # as the schedule left them
+               "train_loss": _num(values.get("train_loss")),
                "valid_loss": _num(values.get("valid_loss")) if has_valid else "",
                "accuracy": _num(values.get("accuracy")) if has_valid else "",
                "top5_accuracy": _num(values.get("top5_accuracy")) if has_valid else "",
@@ -111,6 +126,14 @@ class EpochRecord(Callback):
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+def optimizer_name(opt):
+    """What the fastai optimizer really is, read off its step functions: AdamW, Adam (L2), SGD or SGD (decoupled wd)."""
+    steps = {getattr(cb, "__name__", getattr(getattr(cb, "func", None), "__name__", "")) for cb in opt.cbs}
+    kind = "Adam" if "adam_step" in steps else "SGD"
+    decoupled = "weight_decay" in steps
+    return {("Adam", True): "AdamW", ("Adam", False): "Adam (L2)", ("SGD", False): "SGD", ("SGD", True): "SGD (decoupled wd)"}[kind, decoupled]
 
 
 def _plain(obj):
@@ -158,42 +181,108 @@ def show_bars(learn, bars):
 
 
 def restore_checkpoint(learn, out):
-    """Load the model and optimizer state of the last completed epoch (weights only, no pickled code)."""
-    state = torch.load(Path(out) / CHECKPOINT, map_location="cpu", weights_only=True)
-    learn.model.load_state_dict(state["model"])
-    if learn.opt is None:
-        learn.create_opt()
-    learn.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
+    """Load the model and optimizer state of the last completed epoch (weights only: pickled code is refused)."""
+    path = Path(out) / CHECKPOINT
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        learn.model.load_state_dict(state["model"])
+        if learn.opt is None:
+            learn.create_opt()
+        learn.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError... for files it will not load
+        raise UserError(f"{path}: not a checkpoint of this run that can be loaded safely "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+
+
+def step_decay(lrs, n_epoch, every, gamma):
+    """A ParamScheduler schedule: `lrs` multiplied by `gamma` every `every` epochs (fastai has cosine, linear and
+    exponential annealers, but no step decay); `pos` is the fraction of the fit done."""
+    lrs = np.asarray(lrs, dtype=float)
+    return lambda pos: lrs * gamma ** (int(pos * n_epoch + 1e-6) // every)
+
+
+def fit_stage(learn, stage, first_epoch, cbs):
+    """One stage's fit under its schedule, through fastai's fit methods and ParamScheduler."""
+    from fastai.callback.schedule import ParamScheduler, SchedCos
+    lrs = group_lrs(stage.lr, n_groups(learn), stage.lr_div)
+    kw = dict(wd=stage.wd, start_epoch=first_epoch)
+    if stage.schedule == "one_cycle":
+        learn.fit_one_cycle(stage.epochs, lrs, cbs=cbs, **kw)
+    elif stage.schedule == "flat_cos":
+        learn.fit_flat_cos(stage.epochs, lrs, cbs=cbs, **kw)
+    elif stage.schedule == "flat":
+        learn.fit(stage.epochs, lrs, cbs=cbs, **kw)
+    else:
+        sched = (SchedCos(np.array(lrs), 0.0) if stage.schedule == "cosine"
+                 else step_decay(lrs, stage.epochs, stage.step_every, stage.step_gamma))
+        learn.fit(stage.epochs, lrs, cbs=[*cbs, ParamScheduler({"lr": sched})], **kw)
+
+
+def set_trainable(learn, stage, starting):
+    """What trains in `stage`: the body frozen (BatchNorm still trains), everything, or the last blocks re-initialized
+    (when the stage starts, not when it resumes) and trained with the head while the rest stays frozen."""
+    from models import body_blocks, reinit_last_blocks
+    if stage.train == "all":
+        learn.unfreeze()
+        return
+    learn.freeze()
+    if stage.train == "reinit":
+        if starting:
+            reinit_last_blocks(learn.model, stage.blocks)
+        for block in body_blocks(learn.model)[-stage.blocks:]:
+            for module in block:
+                module.requires_grad_(True)
+
+
+def plan(stages, progress):
+    """[(index, stage, first epoch)] still to train, given progress.json's last completed (stage, epoch)."""
+    todo = []
+    for i, stage in enumerate(stages):
+        if stage.epochs == 0 or (progress and (i < progress["stage"] or
+                                               (i == progress["stage"] and progress["epoch"] >= stage.epochs))):
+            continue
+        todo.append((i, stage, progress["epoch"] if progress and i == progress["stage"] else 0))
+    return todo
 
 
 def run_stages(learn, stages, make_dls, out, resume=False, bars=None):
-    """Fit each stage in turn, re-making the DataLoaders when the size or batch size changes.
+    """Fit each stage in turn, re-making the DataLoaders when the size or batch size changes and the optimizer
+    when a stage names another one.
 
     With `resume`, stages and epochs recorded as done in `out/progress.json` are skipped and the
     model and optimizer continue from the checkpoint. Returns seconds spent per stage."""
+    from fastai.callback.tracker import EarlyStoppingCallback
+    from models import make_opt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     bars = sys.stdout.isatty() if bars is None else bars
     show_bars(learn, bars)
-    done = _read_progress(out) if resume else {}
-    if resume and (out / CHECKPOINT).exists():
+    progress = _read_progress(out) if resume else {}
+    todo = plan(stages, progress)
+    seconds, current, optimizer = {}, None, None
+    if resume and (out / CHECKPOINT).exists():  # with the optimizer of the stage that wrote it
+        saved = stages[progress["stage"]]
+        learn.opt_func, learn.opt = make_opt(saved.opt, saved.mom), None
+        optimizer = (saved.opt, saved.mom)
         restore_checkpoint(learn, out)
-    seconds = {}
-    current = None
-    for i, stage in enumerate(stages):
-        first_epoch = 0
-        if done:
-            if i < done["stage"] or (i == done["stage"] and done["epoch"] >= stage.epochs):
-                continue
-            first_epoch = done["epoch"] if i == done["stage"] else 0
+    for i, stage, first_epoch in todo:
+        if (stage.opt, stage.mom) != optimizer:  # a new optimizer starts with no state; the same one keeps its state
+            learn.opt_func, learn.opt = make_opt(stage.opt, stage.mom), None
+            learn.create_opt()
+            optimizer = (stage.opt, stage.mom)
         if (stage.size, stage.bs) != current:
             learn.dls = make_dls(stage.size, stage.bs)
             current = (stage.size, stage.bs)
-        learn.freeze() if stage.frozen else learn.unfreeze()
+        set_trainable(learn, stage, starting=first_epoch == 0)
         cbs = [EpochRecord(out, i, stage, print_lines=not bars)]
         if len(learn.dls.valid_ds) == 0:
             cbs.append(SkipValidation())
+        elif stage.patience:
+            cbs.append(EarlyStoppingCallback(monitor="valid_loss", patience=stage.patience))
         started = time.time()
-        learn.fit_one_cycle(stage.epochs, group_lrs(stage.lr, n_groups(learn)), start_epoch=first_epoch, cbs=cbs)
+        fit_stage(learn, stage, first_epoch, cbs)
         seconds[stage.name] = round(time.time() - started, 2)
+        progress = _read_progress(out)
+        progress.update(stage=i, epoch=stage.epochs)  # done, even when early stopping ended it sooner
+        _atomic_json(out / PROGRESS, progress)
     return seconds

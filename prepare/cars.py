@@ -14,6 +14,7 @@ from cli import UserError
 from .fetch import Remote
 from .mat import load_struct
 from .tables import Record
+from .walk import rglob
 
 DIRNAME = "stanford_cars"
 N_CLASSES = 196
@@ -59,7 +60,7 @@ def _find(roots, name, want_dir=False):
     for root in roots:
         if root.name == name and root.is_dir() == want_dir:
             found.append(root)
-        found += [p for p in root.rglob(name) if p.is_dir() == want_dir]
+        found += [p for p in rglob(root, name) if p.is_dir() == want_dir]
     return sorted(found, key=lambda p: len(p.parts))
 
 
@@ -144,7 +145,7 @@ def _class_folder_records(roots, split_dirs):
 def _class_folder_splits(roots):
     """{'train': dir, 'test': dir} where both hold class subfolders of images, else None."""
     for root in roots:
-        for parent in [root, *[p for p in root.rglob("*") if p.is_dir() and len(p.relative_to(root).parts) <= 2]]:
+        for parent in [root, *[p for p in rglob(root) if p.is_dir() and len(p.relative_to(root).parts) <= 2]]:
             dirs = {s: parent / s for s in ("train", "test")}
             if all(d.is_dir() and any(c.is_dir() for c in d.iterdir()) for d in dirs.values()):
                 return dirs

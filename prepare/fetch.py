@@ -2,7 +2,8 @@
 
 urllib and tarfile do the work; what is added by hand is what neither does on its own:
 resuming a cut download with an HTTP Range request, checking size and MD5 before a file
-gets its final name, and refusing archive members that would land outside the target."""
+gets its final name (and before a file already there is used), refusing archive members that
+would land outside the target, and progress (bytes, rate and time left; see progress.py)."""
 import hashlib
 import http.client
 import os
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cli import UserError
+
+from .progress import Progress, track
 
 CHUNK = 1 << 20
 
@@ -71,23 +74,40 @@ def _fetch_once(remote, part, timeout):
     with response:
         resumed = have and response.status == 206
         length = response.headers.get("Content-Length")
-        total = (have if resumed else 0) + int(length) if length is not None else None
-        with open(part, "ab" if resumed else "wb") as out:
-            shutil.copyfileobj(response, out, CHUNK)
+        start = have if resumed else 0
+        total = start + int(length) if length is not None else remote.size
+        with open(part, "ab" if resumed else "wb") as out, \
+                Progress(total, f"downloading {remote.filename}", unit="bytes") as progress:
+            done = start
+            progress.update(done)
+            for block in iter(lambda: response.read(CHUNK), b""):
+                out.write(block)
+                done += len(block)
+                progress.update(done)
     return total is None or part.stat().st_size >= total
 
 
 def download(remote, folder, retries=3, timeout=30):
     """Download `remote` into `folder`, resuming after cuts; return the final path.
 
-    The file is written as NAME.part and renamed only once it is complete and checked,
-    so a file under its final name is always whole. A file already there is checked and kept."""
+    The file is written as NAME.part and renamed only once it is complete and checked (size, and
+    MD5 where known), so a file under its final name is always whole: one that fails its check
+    never takes that name, not even for a moment. A file already under the final name is checked
+    the same way before it is used; if it fails, it is moved aside to NAME.corrupt (replacing an
+    older one, so nothing the user put there is deleted unseen), one line says so, and the file is
+    downloaded again."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / remote.filename
     if final.exists():
-        _check(remote, final)
-        return final
+        try:
+            _check(remote, final)
+            return final
+        except DownloadError as err:
+            aside = final.with_name(final.name + ".corrupt")
+            os.replace(final, aside)
+            print(f"{final}: fails its check ({str(err).removeprefix(remote.url + ': ')}); "
+                  f"moved aside to {aside.name}, downloading it again", file=sys.stderr)
     part = final.with_name(final.name + ".part")
     last_error = None
     for attempt in range(retries):
@@ -119,7 +139,7 @@ def extract(archive, target):
     if marker.exists():
         return
     target.mkdir(parents=True, exist_ok=True)
-    print(f"extracting {archive.name}", file=sys.stderr)
+    print(f"extracting {archive} into {target}", file=sys.stderr)
     try:
         _unpack(archive, target)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
@@ -128,20 +148,31 @@ def extract(archive, target):
 
 
 def _unpack(archive, target):
+    """Extract every member; progress is the share of the archive file read (tar: its members are not
+    counted before the end without reading it twice) or of the members (zip)."""
+    label = f"extracting {archive.name}"
     if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tar:
+        with open(archive, "rb") as raw, tarfile.open(fileobj=raw) as tar, \
+                Progress(os.path.getsize(archive), label, unit="bytes") as progress:
+            def members():
+                for member in tar:
+                    yield member
+                    progress.update(raw.tell())
             try:
-                tar.extractall(target, filter="data")
+                tar.extractall(target, members=members(), filter="data")
             except tarfile.FilterError as err:
                 raise UserError(f"{archive}: refusing archive member {err.tarinfo.name!r}: {err}")
+            progress.update(os.path.getsize(archive))  # the end-of-archive blocks are not read
     elif zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             root = target.resolve()
-            for name in zf.namelist():
+            names = zf.namelist()
+            for name in names:
                 dest = (root / name).resolve()
                 if os.path.isabs(name) or not dest.is_relative_to(root):
                     raise UserError(f"{archive}: refusing archive member {name!r}: it would land outside {target}")
-            zf.extractall(target)
+            for name in track(names, len(names), label):
+                zf.extract(name, target)
     else:
         raise UserError(f"{archive}: not a tar or zip archive")
 

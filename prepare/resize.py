@@ -5,7 +5,9 @@ Each image is shrunk (never enlarged) so that the part training can read is `sho
 its shorter side: the bounding box grown by the --crop-bbox margin, clipped to the image, or the
 whole image when there is no box. Whole-image and --crop-bbox training therefore both still see
 at least `short_side` px. Boxes are scaled with their images; images that need no shrinking are
-linked, not copied. The copy is a prepared folder like any other (train.csv, test.csv)."""
+linked, not copied. Shrunk copies are written upright (a phone photo's EXIF orientation applied, as
+training applies it to every image it reads); boxes are in that upright frame throughout. The copy
+is a prepared folder like any other (train.csv, test.csv)."""
 import math
 import os
 import shutil
@@ -16,6 +18,8 @@ import pandas as pd
 from PIL import Image
 
 from cli import UserError, atomic
+
+from .progress import track
 
 MIN_SIDE = 32
 SAVE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "BMP": "BMP", "TIFF": "TIFF"}
@@ -40,22 +44,27 @@ def scaled_box(box, scale, width, height):
 def shrink_one(job):
     """Write one image's shrunk copy (or a link to it) at `target`.
 
+    The copy is written upright (the EXIF orientation applied, no orientation tag) and in RGB or L,
+    as training reads it (data.load_image); boxes are in that upright frame before and after. An
+    image that needs no shrinking is linked as it is, tag and all: every reader applies the tag.
     Returns (shrunk, box): whether it was shrunk, and its box on the copy (None when it has none);
     or a one-line error."""
-    from data import BOX_MARGIN, box_region
+    from data import BOX_MARGIN, box_region, load_image, upright_size
     source, target, box, short_side = job
     has_box = box is not None and not any(pd.isna(v) for v in box)
     try:
         with Image.open(source) as im:
-            left, top, right, bottom = box_region(im.width, im.height, box if has_box else None, BOX_MARGIN)
-            scale = min(1.0, short_side / max(1.0, min(right - left, bottom - top)))
-            size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-            if scale < 1 and not target.exists():
-                fmt = SAVE_FORMATS.get(im.format, "PNG")
-                im.draft(im.mode, size)  # JPEG: decode at the smallest DCT scale still >= size
-                small = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-                with atomic(target) as tmp:
-                    small.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+            fmt = SAVE_FORMATS.get(im.format, "PNG")
+            width, height = upright_size(im)
+        left, top, right, bottom = box_region(width, height, box if has_box else None, BOX_MARGIN)
+        scale = min(1.0, short_side / max(1.0, min(right - left, bottom - top)))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        if scale < 1 and not target.exists():
+            im, _ = load_image(source, draft=lambda w, h: size)  # JPEG: decoded at the smallest DCT scale still >= size
+            im = im if im.mode in ("RGB", "L") else im.convert("RGB")
+            small = im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+            with atomic(target) as tmp:
+                small.save(tmp, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))  # WebP: 80 by default
     except Exception as err:  # PIL raises many types for bad files
         return f"{source}: cannot be resized ({err})"
     if scale == 1 and not target.exists():
@@ -90,11 +99,12 @@ def resize_copy(folder, short_side, workers=None):
             target.parent.mkdir(parents=True, exist_ok=True)
             jobs.append((folder / name, target, box, short_side))
     workers = workers or default_workers()
+    label = f"resizing to {short_side} px"
     if workers > 1 and len(jobs) > 100:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(shrink_one, jobs, chunksize=32))
+            results = list(track(pool.map(shrink_one, jobs, chunksize=32), len(jobs), label))
     else:
-        results = [shrink_one(job) for job in jobs]
+        results = list(track(map(shrink_one, jobs), len(jobs), label))
     for result in results:
         if isinstance(result, str):
             raise UserError(result)

@@ -3,6 +3,7 @@
 
 Every image is decoded once (at reduced JPEG scale, so this is quick) so that a missing,
 truncated or unreadable file is reported here, by name, rather than in the middle of training."""
+import contextlib
 import csv
 import os
 import shutil
@@ -10,9 +11,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from cli import UserError, atomic
+
+from .progress import track
 
 COLUMNS = ["filename", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class_id", "class_name"]
 SPLITS = ("train", "test")
@@ -36,7 +37,8 @@ class Record:
 
 def locate(roots, marker, siblings, dataset, hint):
     """The folder under `roots` holding `marker` and every file in `siblings`, or a clear error."""
-    found = [p for r in map(Path, roots) for p in r.rglob(marker)]
+    from .walk import rglob
+    found = [p for r in map(Path, roots) for p in rglob(r, marker)]
     if not found:
         raise UserError(f"{', '.join(map(str, roots))}: no {dataset} layout found (looked for {marker})\n{hint}")
     folder = found[0].parent
@@ -51,11 +53,13 @@ def tables_exist(dest):
 
 
 def check_image(path):
-    """Return None if `path` decodes as an image, else a one-line reason."""
+    """Return None if `path` decodes as an image the way training and scoring read it (data.load_image:
+    upright, 16-bit scaled, JPEGs at a reduced DCT scale so this is quick), else a one-line reason."""
+    from data import load_image
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (64, 64))
-            im.load()
+        im, _ = load_image(path, draft=lambda width, height: (64, 64))
+        im.convert("RGB")
+        im.close()
         return None
     except FileNotFoundError:
         return "file is missing"
@@ -63,14 +67,19 @@ def check_image(path):
         return f"cannot be read as an image ({err})"
 
 
-def image_problems(paths, workers=None):
-    """For each path, None if it decodes as an image, else a one-line reason (checked in parallel)."""
+def image_problems(paths, workers=None, label=None):
+    """For each path, None if it decodes as an image, else a one-line reason (checked in parallel).
+
+    With `label`, progress is shown (how many of how many; see progress.py)."""
     workers = workers or min(os.cpu_count() or 1, 8)
     paths = list(paths)
-    if workers > 1 and len(paths) > 200:
-        with ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(check_image, paths, chunksize=64))
-    return [check_image(p) for p in paths]
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(paths) > 200:
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            results = pool.map(check_image, paths, chunksize=64)
+        else:
+            results = map(check_image, paths)
+        return list(track(results, len(paths), label) if label else results)
 
 
 def _place(record, dest):
@@ -84,8 +93,10 @@ def _place(record, dest):
     if not target.exists():
         with atomic(target) as tmp:
             if record.crop_bottom:
-                with Image.open(source) as im:
-                    im.crop((0, 0, im.width, im.height - record.crop_bottom)).save(tmp, format="JPEG", quality=95)
+                from data import load_image
+                im, _ = load_image(source)
+                im = im.convert("RGB") if im.mode not in ("RGB", "L") else im
+                im.crop((0, 0, im.width, im.height - record.crop_bottom)).save(tmp, format="JPEG", quality=95)
             else:
                 try:
                     os.symlink(source, tmp)
@@ -101,11 +112,12 @@ def write_tables(records, dest, workers=None):
     for split in SPLITS:
         if not any(r.split == split for r in records):
             raise UserError(f"no {split} images were found in the source")
-    for record, problem in zip(records, image_problems([r.source for r in records], workers)):
+    for record, problem in zip(records, image_problems([r.source for r in records], workers, "checking images")):
         if problem:
             raise UserError(f"{record.source}: {problem}")
     rows = {split: [] for split in SPLITS}
-    for r in records:
+    writes = any(r.crop_bottom for r in records)  # Aircraft: every image is cropped and written, which takes a while
+    for r in track(records, len(records), "writing images") if writes else records:
         box = list(r.bbox) if r.bbox is not None else ["", "", "", ""]
         rows[r.split].append([_place(r, dest), *box, r.class_id, r.class_name])
     for split in SPLITS:

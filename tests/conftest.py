@@ -54,3 +54,68 @@ def trained(prepared, tmp_path_factory):
     run.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--epochs", "2,4,2",
               "--sizes", "48,64", "--bs", "16,16", "--workers", "0", "--out", str(out)])
     return out
+
+
+# the display transform each EXIF orientation asks for, undone to store a photo "as the camera saved it"
+STORED_AS = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+             6: "ROTATE_90",    # tag 6, 'rotate 90° clockwise to display': stored turned a quarter anticlockwise
+             7: "TRANSVERSE", 8: "ROTATE_270"}
+
+
+def upright_photo(width=96, height=72):
+    """An RGB test photo that looks different under every flip and turn: a 4 x 3 grid of 12 distinct colours."""
+    import numpy as np
+    from PIL import Image
+    colours = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+               (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+    grid = np.array(colours, dtype=np.uint8).reshape(3, 4, 3)
+    rows = np.arange(height) * 3 // height
+    cols = np.arange(width) * 4 // width
+    return Image.fromarray(grid[rows[:, None], cols[None, :]])
+
+
+def save_stored_as(upright, path, orientation, **save_args):
+    """Save `upright` as a camera would with EXIF orientation `orientation`: pixels turned, the tag saying how to undo it."""
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright.transpose(getattr(Image.Transpose, STORED_AS[orientation])).save(path, exif=exif, **save_args)
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """{name: (path, expected RGB array as displayed, tolerated mean difference in grey levels)}: one upright photo saved the
+    ways phones, cameras and tools save images (EXIF orientations, 16-bit, CMYK, palette, RGBA, WebP, TIFF)."""
+    import numpy as np
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("photos")
+    upright = upright_photo()
+    rgb = np.asarray(upright)
+    gray = upright.convert("L")
+    gray_rgb = np.asarray(gray.convert("RGB"))
+    found = {}
+    for orientation in STORED_AS:
+        path = folder / f"orientation_{orientation}.jpg"
+        save_stored_as(upright, path, orientation, quality=95, subsampling=0)
+        found[path.stem] = (path, rgb, 2.0)
+    save_stored_as(upright, folder / "orientation_6.png", 6)
+    found["orientation_6_png"] = (folder / "orientation_6.png", rgb, 0.0)
+    wide = (np.asarray(gray).astype(np.uint16) * 257)  # the same grey levels over 16 bits
+    Image.fromarray(wide).save(folder / "gray16.png")
+    Image.fromarray(wide).save(folder / "gray16.tif")
+    Image.fromarray(wide).save(folder / "gray16.pgm")  # opens as mode I
+    for name in ("gray16.png", "gray16.tif", "gray16.pgm"):
+        found[name.replace(".", "_")] = (folder / name, gray_rgb, 0.0)
+    gray.save(folder / "gray.jpg", quality=95)
+    found["gray_jpg"] = (folder / "gray.jpg", gray_rgb, 2.0)
+    upright.convert("CMYK").save(folder / "cmyk.jpg", quality=95, subsampling=0)
+    found["cmyk_jpg"] = (folder / "cmyk.jpg", rgb, 2.0)
+    upright.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(folder / "palette.png")
+    found["palette_png"] = (folder / "palette.png", rgb, 0.0)
+    upright.convert("RGBA").save(folder / "rgba.png")
+    found["rgba_png"] = (folder / "rgba.png", rgb, 0.0)
+    upright.save(folder / "lossless.webp", lossless=True)
+    found["webp"] = (folder / "lossless.webp", rgb, 0.0)
+    upright.save(folder / "photo.tif")
+    found["tiff"] = (folder / "photo.tif", rgb, 0.0)
+    return found

@@ -1,5 +1,7 @@
-"""data.py's DataLoaders: batch shapes, the validation split, balanced sampling, box crops,
-grayscale as RGB, and a test loader that scores every row once, in order, without augmentation."""
+"""data.py's DataLoaders: batch shapes, the validation split, balanced sampling, box crops
+(in pixels: the box grown by the margin), grayscale as RGB, images read as they are displayed (EXIF
+orientation, 16-bit, CMYK, palette...), bad table cells named by row, and a test loader that scores
+every row once, in order, without augmentation."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,7 +9,8 @@ import torch
 from PIL import Image
 
 from cli import UserError
-from data import eval_dl, get_dls, open_image, read_table
+from conftest import run_script, save_stored_as, upright_photo
+from data import BOX_MARGIN, IMAGENET_STATS, eval_dl, get_dls, open_image, read_table
 
 
 def test_batches_have_the_requested_shape(prepared):
@@ -85,3 +88,74 @@ def test_bad_tables(tmp_path):
     (tmp_path / "ids.csv").write_text("filename,class_id\na.jpg,1\nb.jpg,seven\n")
     with pytest.raises(UserError, match="row 2: class_id 'seven' is not a number"):
         read_table(tmp_path / "ids.csv")
+    (tmp_path / "gap.csv").write_text("filename,class_id\na.jpg,1\nb.jpg,2\nc.jpg,\nd.jpg,4\n")
+    with pytest.raises(UserError, match=r"gap\.csv, row 3: class_id is empty$"):
+        read_table(tmp_path / "gap.csv")
+    (tmp_path / "half.csv").write_text("filename,class_id\na.jpg,1\nb.jpg,2.5\n")
+    with pytest.raises(UserError, match=r"row 2: class_id '2.5' is not a whole number"):  # not silently class 2
+        read_table(tmp_path / "half.csv")
+    (tmp_path / "box.csv").write_text("filename,bbox_x1,bbox_y1,bbox_x2,bbox_y2,class_id\n"
+                                      "a.jpg,1,2,30,40,1\nb.jpg,,,,,2\nc.jpg,1,,30,40,2\n")
+    with pytest.raises(UserError, match=r"row 3: a box needs four numbers or four empty cells"):
+        read_table(tmp_path / "box.csv")  # not silently the whole image
+
+
+def test_empty_class_id_cell_is_one_line_naming_the_row(prepared, tmp_path):
+    copy = tmp_path / "stanford_cars"
+    copy.mkdir()
+    (copy / "test.csv").write_text((prepared / "test.csv").read_text())
+    train = pd.read_csv(prepared / "train.csv", dtype=str, keep_default_na=False)
+    train.loc[2, "class_id"] = ""  # the third row
+    train.to_csv(copy / "train.csv", index=False)
+    result = run_script("data.py", "--root", tmp_path, "--resize", 48)  # reads the prepared tables
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {copy / 'train.csv'}, row 3: class_id is empty"]
+
+
+def denormalized(x, stats=IMAGENET_STATS):
+    """A normalized batch back to 0..255 pixels, as (n, height, width, 3)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in stats)
+    return ((x.cpu().float() * std + mean) * 255).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_crop_bbox_batch_is_the_box_grown_by_the_margin(tmp_path, orientation):
+    """The training batch in pixels: the box grown by BOX_MARGIN on every side, resized; not the bare box,
+    not the whole image. The box is on the photo as displayed, also when stored sideways with an EXIF tag."""
+    upright = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    if orientation == 1:
+        upright.save(tmp_path / "car.png")
+    else:
+        save_stored_as(upright, tmp_path / "car.png", orientation)
+    pd.DataFrame([{"filename": "car.png", "bbox_x1": 41, "bbox_y1": 31, "bbox_x2": 90, "bbox_y2": 80,  # 50 x 50 px
+                   "class_id": 1, "class_name": "a"}]).to_csv(tmp_path / "train.csv", index=False)
+    dls = get_dls(tmp_path / "train.csv", size=33, bs=1, crop_bbox=True, augment=False, workers=0)
+    got = denormalized(dls.one_batch()[0])[0]
+
+    def resized(region):
+        return np.asarray(upright.crop(region).resize((33, 33), Image.Resampling.BILINEAR), dtype=float)
+    assert BOX_MARGIN * 50 == 8  # whole pixels, so the region below is exact: 66 x 66 px
+    assert np.abs(got - resized((40 - 8, 30 - 8, 90 + 8, 80 + 8))).mean() < 1
+    assert np.abs(got - resized((40, 30, 90, 80))).mean() > 20  # the bare box
+    assert np.abs(got - resized((20, 0, 140, 120))).mean() > 20  # the whole image (centre square)
+
+
+def test_every_image_is_read_as_displayed(photos):
+    """EXIF orientations applied, 16-bit scaled (not clipped to white), CMYK, palette, RGBA, WebP, TIFF as shown."""
+    wrong = {}
+    for name, (path, expected, tolerance) in photos.items():
+        got = np.asarray(open_image(path), dtype=float)
+        if got.shape != expected.shape:
+            wrong[name] = f"{got.shape[1]} x {got.shape[0]} px, expected {expected.shape[1]} x {expected.shape[0]}"
+        elif np.abs(got - expected).mean() > tolerance + 0.5:
+            wrong[name] = f"mean difference {np.abs(got - expected).mean():.1f}"
+    assert not wrong
+
+
+def test_draft_decoding_of_a_sideways_photo_keeps_the_region(tmp_path):
+    upright = upright_photo(800, 200)
+    save_stored_as(upright, tmp_path / "wide.jpg", 6, quality=95, subsampling=0)  # stored 200 x 800
+    crop = open_image(tmp_path / "wide.jpg", size=100, box=(1, 51, 800, 150))  # all the width, the middle half
+    assert min(crop.size) >= 100  # enough pixels for size 100 (a draft asked in the stored frame gives 50)
+    expected = upright.crop((0, 50, 800, 150)).resize(crop.size, Image.Resampling.BOX)
+    assert np.abs(np.asarray(crop, dtype=float) - np.asarray(expected, dtype=float)).mean() < 3

@@ -1,8 +1,11 @@
 """Downloads against an HTTP server on 127.0.0.1 started by the test: success, resume after a cut,
-checksum mismatch, falling back from a dead source, and safe extraction."""
+checksum mismatch (never under the final name), a corrupt file already there, progress lines, falling
+back from a dead source, and safe extraction."""
+import contextlib
 import hashlib
 import http.server
 import io
+import sys
 import tarfile
 import threading
 import zipfile
@@ -46,7 +49,7 @@ class Server:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()  # quick shutdown
 
     def close(self):
         self.httpd.shutdown()
@@ -91,6 +94,98 @@ def test_checksum_mismatch_leaves_nothing_that_looks_complete(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+_WATCHED = []  # the audit hook below records into the last list here while a test watches
+
+
+def _audit(event, args):
+    if _WATCHED and event in ("open", "os.rename", "os.link", "os.symlink"):
+        import os
+        if event == "open":
+            if args[2] & (os.O_WRONLY | os.O_RDWR):
+                _WATCHED[-1].append(("written", str(args[0])))
+        else:
+            _WATCHED[-1].append(("renamed to" if event == "os.rename" else "linked to", str(args[1])))
+
+
+sys.addaudithook(_audit)  # cannot be removed; it records only while a test watches
+
+
+@contextlib.contextmanager
+def watching_files():
+    """Every file opened for writing, renamed to, or linked to in the block: (what, path)."""
+    seen = []
+    _WATCHED.append(seen)
+    try:
+        yield seen
+    finally:
+        _WATCHED.remove(seen)
+
+
+def test_a_download_that_fails_its_check_never_takes_its_final_name(server, tmp_path):
+    s = server({"/f.bin": PAYLOAD})
+    final = tmp_path / "f.bin"
+    for remote in (Remote(f"{s.url}/f.bin", "f.bin", md5="0" * 32), Remote(f"{s.url}/f.bin", "f.bin", size=len(PAYLOAD) + 1)):
+        with watching_files() as touched, pytest.raises(DownloadError, match="checksum mismatch|size"):
+            download(remote, tmp_path)
+        assert touched and not [t for t in touched if t[1] == str(final)]  # not even for a moment
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_good_download_takes_its_final_name_only_once_whole(server, tmp_path):
+    s = server({"/f.bin": PAYLOAD})
+    final = tmp_path / "f.bin"
+    with watching_files() as touched:
+        download(Remote(f"{s.url}/f.bin", "f.bin", md5=MD5, size=len(PAYLOAD)), tmp_path)
+    assert [t for t in touched if t[1] == str(final)] == [("renamed to", str(final))]  # written elsewhere, renamed last
+    assert final.read_bytes() == PAYLOAD
+
+
+@pytest.mark.parametrize("check", ["md5", "size"])
+def test_a_corrupt_file_under_the_final_name_is_moved_aside_and_fetched_again(check, server, tmp_path, capsys):
+    s = server({"/f.bin": PAYLOAD})
+    final = tmp_path / "f.bin"
+    bad = PAYLOAD[:1000] + b"x" + PAYLOAD[1001:] if check == "md5" else PAYLOAD[: len(PAYLOAD) // 2]
+    final.write_bytes(bad)
+    remote = Remote(f"{s.url}/f.bin", "f.bin", md5=MD5) if check == "md5" else Remote(f"{s.url}/f.bin", "f.bin", size=len(PAYLOAD))
+    assert download(remote, tmp_path) == final and final.read_bytes() == PAYLOAD
+    assert (tmp_path / "f.bin.corrupt").read_bytes() == bad  # nothing deleted unseen
+    err = capsys.readouterr().err
+    assert f"{final}: fails its check" in err and "moved aside to f.bin.corrupt, downloading it again" in err
+    assert len(s.requests) == 1
+
+
+def test_an_intact_file_under_the_final_name_is_checked_and_used(server, tmp_path):
+    s = server({"/f.bin": b"not what the server has"})
+    (tmp_path / "f.bin").write_bytes(PAYLOAD)
+    assert download(Remote(f"{s.url}/f.bin", "f.bin", md5=MD5, size=len(PAYLOAD)), tmp_path).read_bytes() == PAYLOAD
+    assert s.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def progress_lines(text, label):
+    return [line for line in text.splitlines() if line.startswith(label + ":")]
+
+
+def test_a_download_in_a_log_shows_a_bounded_number_of_progress_lines(server, tmp_path, capsys):
+    big = PAYLOAD * 8  # 8 MiB, read in 1 MiB blocks
+    s = server({"/big.bin": big})
+    download(Remote(f"{s.url}/big.bin", "big.bin", size=len(big)), tmp_path)
+    lines = progress_lines(capsys.readouterr().err, "downloading big.bin")
+    assert 3 <= len(lines) <= 12, lines
+    assert all("MB/s" in line for line in lines) and " left" in lines[0]
+    assert lines[-1].startswith("downloading big.bin: 100%, 8.4 MB of 8.4 MB")
+    assert capsys.readouterr().out == ""  # no bar drawn into a log
+
+
+def test_on_a_terminal_a_download_shows_a_fastprogress_bar(server, tmp_path, capsys, monkeypatch):
+    import prepare.progress
+    monkeypatch.setattr(prepare.progress, "_terminal", lambda: True)
+    s = server({"/big.bin": PAYLOAD * 3})
+    download(Remote(f"{s.url}/big.bin", "big.bin"), tmp_path)
+    captured = capsys.readouterr()
+    assert progress_lines(captured.err, "downloading big.bin") == []  # a bar instead of lines
+    assert "downloading big.bin |" in captured.out and "100.00% [4/4" in captured.out  # MB, rounded up
+
+
 def test_dead_link_is_reported_with_its_status(server, tmp_path):
     s = server({})
     with pytest.raises(DownloadError, match="HTTP 404"):
@@ -104,7 +199,7 @@ def _targz(folder):
     return buf.getvalue()
 
 
-def test_prepare_falls_back_from_a_dead_source(server, layouts, tmp_path):
+def test_prepare_falls_back_from_a_dead_source(server, layouts, tmp_path, capsys):
     from data import prepare
     from prepare.tables import COLUMNS
     import pandas as pd
@@ -113,6 +208,10 @@ def test_prepare_falls_back_from_a_dead_source(server, layouts, tmp_path):
     remotes = {"dead": [Remote(f"{s.url}/stanford/car_devkit.tgz", "car_devkit.tgz")],
                "mirror": [Remote(f"{s.url}/mirror/cars.tgz", "cars.tgz", md5=hashlib.md5(archive).hexdigest())]}
     dest = prepare("cars", tmp_path, remotes=remotes)
+    err = capsys.readouterr().err
+    for label in ("downloading cars.tgz", "extracting cars.tgz", "checking images"):
+        lines = progress_lines(err, label)
+        assert 1 <= len(lines) <= 12 and "100%" in lines[-1], (label, lines)
     train = pd.read_csv(dest / "train.csv")
     assert list(train.columns) == COLUMNS and len(train) > 0
     assert all((dest / f).exists() for f in train["filename"])

@@ -1,14 +1,19 @@
 """test.py on a model trained in the test: the printed accuracy is the predictions CSV's, the
 same hold-out in three CSV formats scores the same, bad input gives its message, and a model
-file carrying pickled code is refused without running it."""
+file carrying pickled code is refused without running it.
+Models built by hand (no training) pin what the scores are about: labels matched by class id or name
+for ids that are not 1..N, per-class accuracy and the confusion matrix by true class, and box crops
+with the model's own margin on photos as displayed."""
 import importlib.util
 import json
 import pickle
 import re
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from cli import UserError
 from conftest import PickleBomb, ROOT
@@ -150,3 +155,147 @@ def test_headerless_csv_with_missing_first_image_is_not_taken_for_a_header(train
     (folder / df["filename"][0]).unlink()
     with pytest.raises(UserError, match=rf"row 1: .*{df['filename'][0]}: file is missing"):
         run_bad(trained, folder, csv, tmp_path, "--label-col", "1")
+
+
+# ---------------------------------------------------------------- models built by hand, no training
+
+def model_folder(folder, classes, size=32, favourite=None, **meta):
+    """A model folder as run.py writes it, for `classes` [(id, name), ...]; with `favourite`, the model
+    predicts that output index for every image (its last layer's weights zeroed, its bias pointing there)."""
+    import torch
+    from models import build_model, save_trained
+    torch.manual_seed(0)
+    model = build_model("resnet18", len(classes))
+    if favourite is not None:  # the head ends BatchNorm1d, Dropout, Linear (no bias): make the first give ones
+        norm = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)][-1]
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            norm.weight.zero_()
+            norm.bias.fill_(1.0)
+            last.weight.zero_()
+            last.weight[favourite] = 1.0
+    save_trained(model, folder, {"arch": "resnet18", "classes": [{"id": i, "name": n} for i, n in classes],
+                                 "image_size": size, "normalize": {"mean": [0.0] * 3, "std": [1.0] * 3}, **meta})
+    return folder
+
+
+SPARSE = [(3, "Alfa"), (7, "Bravo"), (10, "Charlie"), (12, "Delta")]  # class ids not 1..N, as a filtered dataset gives
+
+
+def test_labels_are_matched_by_id_or_name_never_by_position():
+    classes = [{"id": i, "name": n} for i, n in SPARSE]
+    assert holdout.match_labels([12, 3, 7, 10], classes, "h.csv").tolist() == [3, 0, 1, 2]
+    assert holdout.match_labels(["Delta", " alfa", "BRAVO", "10.0"], classes, "h.csv").tolist() == [3, 0, 1, 2]
+    with pytest.raises(UserError, match=r"h.csv, row 2: label '2' is not a class of this model \(ids 3, 7, 10, 12"):
+        holdout.match_labels([3, 2], classes, "h.csv")  # 2 is a position here, not a class
+    with pytest.raises(UserError, match=r"h.csv, row 1: the label is empty"):
+        holdout.match_labels([float("nan")], classes, "h.csv")
+
+
+@pytest.mark.parametrize("column", ["class_id", "class_name"])
+def test_sparse_class_ids_score_by_id_and_by_name(column, tmp_path, capsys):
+    model = model_folder(tmp_path / "model", SPARSE, favourite=1)  # always says 7, Bravo
+    labels = [12, 7, 3, 7, 10, 12]
+    names = dict(SPARSE)
+    for i in range(len(labels)):
+        Image.new("RGB", (40, 40), (40 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    csv = pd.DataFrame({"filename": [f"{i}.png" for i in range(len(labels))], "class_id": labels,
+                        "class_name": [names[i] for i in labels]})
+    csv[["filename", column]].to_csv(tmp_path / "h.csv", index=False)
+    acc, out = score(capsys, "--model", model, "--folder", tmp_path, "--csv", tmp_path / "h.csv",
+                     "--out", tmp_path / "p.csv", "--workers", 0)
+    assert acc == round(2 / 6, 4)  # the two images of class 7
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert preds["true_id"].tolist() == labels and preds["true_name"].tolist() == csv["class_name"].tolist()
+    assert set(preds["pred_id"]) == {7} and set(preds["pred_name"]) == {"Bravo"}
+    per_class = pd.read_csv(tmp_path / "p_per_class.csv").set_index("class_id")
+    assert per_class["images"].to_dict() == {3: 1, 10: 1, 12: 2, 7: 2}
+    assert per_class["accuracy"].to_dict() == {3: 0.0, 10: 0.0, 12: 0.0, 7: 1.0}
+
+
+# A (id 3) is often predicted as B (id 7), B never as A; one C (id 10) as D (id 12).
+TRUE = [0, 0, 0, 0, 1, 1, 2, 2, 2, 3]
+PRED = [1, 1, 1, 0, 1, 1, 2, 2, 3, 3]
+CONFUSION = [[1, 3, 0, 0],   # rows: true A, B, C, D; columns: predicted A, B, C, D
+             [0, 2, 0, 0],
+             [0, 0, 2, 1],
+             [0, 0, 0, 1]]
+PER_CLASS = [(3, "Alfa", 4, 1, 0.25), (10, "Charlie", 3, 2, 0.6667), (7, "Bravo", 2, 2, 1.0), (12, "Delta", 1, 1, 1.0)]
+
+
+def test_confusion_matrix_and_per_class_table_are_about_the_true_class():
+    classes = [{"id": i, "name": n} for i, n in SPARSE]
+    assert holdout.confusion_matrix(TRUE, PRED, 4).tolist() == CONFUSION
+    table = holdout.per_class_table(TRUE, PRED, classes)
+    assert list(table.columns) == ["class_id", "class_name", "images", "correct", "accuracy"]
+    assert list(table.itertuples(index=False, name=None)) == PER_CLASS
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Every (axes, matrix) the confusion PNG draws with imshow."""
+    from matplotlib.axes import Axes
+    seen, imshow = [], Axes.imshow
+
+    def spy(self, matrix, *args, **kwargs):
+        seen.append((self, np.asarray(matrix).copy()))
+        return imshow(self, matrix, *args, **kwargs)
+    monkeypatch.setattr(Axes, "imshow", spy)
+    return seen
+
+
+def test_written_per_class_csv_and_confusion_png_hold_the_hand_counts(tmp_path, drawn, capsys):
+    import torch
+    classes = [{"id": i, "name": n} for i, n in SPARSE]
+    probs = torch.full((len(TRUE), 4), 0.1)
+    probs[torch.arange(len(TRUE)), torch.tensor(PRED)] = 0.7
+    df = pd.DataFrame({"filename": [f"{i}.png" for i in range(len(TRUE))]})
+    acc = holdout.report(df, probs, classes, np.array(TRUE), tmp_path / "p.csv")
+    assert acc == 6 / 10
+    assert "Alfa -> Bravo: 3" in capsys.readouterr().out  # the most confused pair, true -> predicted
+    written = pd.read_csv(tmp_path / "p_per_class.csv")
+    assert list(written.itertuples(index=False, name=None)) == PER_CLASS
+    assert (tmp_path / "p_confusion.png").stat().st_size > 1000
+    (ax, matrix), = drawn
+    assert matrix.tolist() == CONFUSION
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("true", "predicted")
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert rows == [f"{i}: {n}" for i, n in SPARSE] == [t.get_text() for t in ax.get_xticklabels()]
+    # only the classes with the most errors: A (3 as true) and B (3 as predicted)
+    holdout.confusion_png(np.array(TRUE), np.array(PRED), classes, tmp_path / "two.png", most=2)
+    assert drawn[-1][1].tolist() == [[1, 3], [0, 2]]
+    assert [t.get_text() for t in drawn[-1][0].get_yticklabels()] == ["3: Alfa", "7: Bravo"]
+
+
+@pytest.fixture
+def scoring_batches(monkeypatch):
+    """The loaders test.py scores with (data.inference_dl's second result), kept for the test to read."""
+    import data
+    seen, real = [], data.inference_dl
+
+    def spy(*args, **kwargs):
+        dls, dl = real(*args, **kwargs)
+        seen.append(dl)
+        return dls, dl
+    monkeypatch.setattr(data, "inference_dl", spy)
+    return seen
+
+
+def test_box_crop_model_is_scored_on_its_own_margin_and_upright(tmp_path, scoring_batches, capsys):
+    """test.py crops as the model was trained (model.json's bbox_margin, not the default), on the photo as
+    displayed: here stored sideways with an EXIF orientation tag, the box given on the upright photo."""
+    from conftest import save_stored_as
+    upright = Image.fromarray(np.random.default_rng(1).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    save_stored_as(upright, tmp_path / "car.png", 6)
+    pd.DataFrame([{"filename": "car.png", "bbox_x1": 41, "bbox_y1": 31, "bbox_x2": 90, "bbox_y2": 80,
+                   "class_id": 7}]).to_csv(tmp_path / "h.csv", index=False)
+    model = model_folder(tmp_path / "model", SPARSE, size=40, crop_bbox=True, bbox_margin=0.3)
+    score(capsys, "--model", model, "--folder", tmp_path, "--csv", tmp_path / "h.csv", "--out", tmp_path / "p.csv",
+          "--workers", 0)
+    (dl,) = scoring_batches
+    got = (dl.one_batch()[0][0].permute(1, 2, 0).cpu().numpy() * 255)  # normalize: mean 0, std 1
+
+    def resized(region):
+        return np.asarray(upright.crop(region).resize((40, 40), Image.Resampling.BILINEAR), dtype=float)
+    assert np.abs(got - resized((40 - 15, 30 - 15, 90 + 15, 80 + 15))).mean() < 1  # 0.3 x 50 px on every side
+    assert np.abs(got - resized((40 - 8, 30 - 8, 90 + 8, 80 + 8))).mean() > 10  # not the default margin 0.16

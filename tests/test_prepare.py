@@ -43,11 +43,15 @@ def test_images_are_linked_not_copied(prepared, layouts):
     assert (prepared / first).resolve().is_relative_to(layouts["original"].resolve())
 
 
-def test_archive_source_is_unpacked_inside_the_dataset_folder(layouts, prepared, tmp_path):
+def test_archive_source_is_unpacked_inside_the_dataset_folder(layouts, prepared, tmp_path, capsys):
     archive = tmp_path / "cars.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(layouts["kaggle"], arcname="stanford-cars-dataset")
     dest = prepare("cars", tmp_path / "root", [archive])
+    err = capsys.readouterr().err  # not a terminal: progress as lines, about one per tenth
+    for label, last in (("extracting cars.tar.gz", "100%"), ("checking images", "100%, 168 of 168")):
+        lines = [line for line in err.splitlines() if line.startswith(label + ":")]
+        assert 1 <= len(lines) <= 12 and lines[-1].startswith(f"{label}: {last}"), err
     assert content(dest) == content(prepared)
     assert not (dest / pd.read_csv(dest / "train.csv")["filename"][0]).is_symlink()
 
@@ -164,3 +168,9 @@ def test_kaggle_copy_with_a_stray_cars_annos_uses_the_devkit(layouts, prepared, 
     src = shutil.copytree(layouts["kaggle"], tmp_path / "src")
     shutil.copy(layouts["all_in_one"] / "cars_annos.mat", src / "cars_annos.mat")  # no car_ims/ beside it
     assert content(prepare("cars", tmp_path / "out", [src])) == content(prepared)
+
+
+def test_the_image_check_reads_photos_as_cameras_save_them(photos):
+    from prepare.tables import check_image, image_problems
+    assert {name: check_image(path) for name, (path, _, _) in photos.items()} == {name: None for name in photos}
+    assert image_problems([path for path, _, _ in photos.values()], workers=1, label="checking") == [None] * len(photos)

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from cli import UserError
-from conftest import run_script
+from conftest import run_script, save_stored_as
 from data import BOX_COLUMNS, BOX_MARGIN, box_region, get_dls, open_image, prepare
 from prepare.resize import resize_copy
 
@@ -60,6 +60,9 @@ def test_without_boxes_the_whole_image_is_shrunk_and_boxes_stay_empty(layouts, t
 def test_cli_makes_a_copy_that_trains_and_a_second_run_keeps_it(layouts, tmp_path):
     result = run_script("data.py", "--root", tmp_path, "--source", layouts["original"], "--resize", 48, "--workers", 1)
     assert result.returncode == 0, result.stderr
+    for label in ("checking images", "resizing to 48 px"):  # progress in a log: about a line per tenth, not per image
+        lines = [line for line in result.stderr.splitlines() if line.startswith(label + ":")]
+        assert 5 <= len(lines) <= 12 and lines[-1].startswith(f"{label}: 100%, 168 of 168"), result.stderr
     resized = tmp_path / "stanford_cars" / "resized_48"
     assert f"--data {resized}" in result.stdout
     x, _ = get_dls(resized / "train.csv", size=32, bs=8, crop_bbox=True, workers=0).one_batch()
@@ -103,3 +106,48 @@ def test_a_size_too_small_is_refused_before_any_download(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --resize 10: too small to train on (at least 32); give the shorter side in px, e.g. 320"]
     assert not any(tmp_path.iterdir())
+
+
+def test_copies_are_written_upright_and_in_8_bits(photos, tmp_path):
+    """The copy holds what training reads: phone photos turned upright (no orientation tag left to apply),
+    16-bit images scaled rather than white, CMYK, palette, RGBA, WebP and TIFF as shown."""
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for path, _, _ in photos.values():
+        shutil.copy(path, folder / path.name)
+    table = pd.DataFrame({"filename": [path.name for path, _, _ in photos.values()], "class_id": 1, "class_name": "a"})
+    for split in ("train", "test"):
+        table.to_csv(folder / f"{split}.csv", index=False)
+    resized = resize_copy(folder, 36)  # 96 x 72 as displayed -> 48 x 36
+    wrong = {}
+    for name, (path, expected, tolerance) in photos.items():
+        with Image.open(resized / path.name) as im:  # plain PIL: nothing turned or scaled on reading
+            got = np.asarray(im.convert("RGB"), dtype=float)
+            tag = im.getexif().get(0x0112, 1)
+        want = np.asarray(Image.fromarray(expected).resize((48, 36), Image.Resampling.LANCZOS), dtype=float)
+        if got.shape != want.shape or tag != 1:
+            wrong[name] = f"{got.shape[1]} x {got.shape[0]} px, orientation tag {tag}"
+        elif np.abs(got - want).mean() > tolerance + 8:  # saved again: JPEG copies lose a little more
+            wrong[name] = f"mean difference {np.abs(got - want).mean():.1f}"
+    assert not wrong
+
+
+def test_a_sideways_photo_keeps_its_box_on_the_upright_copy(tmp_path):
+    folder = tmp_path / "own"
+    folder.mkdir()
+    x, y = np.meshgrid(np.linspace(0, 255, 192), np.linspace(0, 255, 144))
+    upright = Image.fromarray(np.stack([x, y, 255 - x], axis=-1).astype(np.uint8))  # smooth: boxes rounded by a px agree
+    save_stored_as(upright, folder / "car.jpg", 6, quality=95, subsampling=0)  # stored 144 x 192
+    box = (25, 25, 168, 120)  # on the photo as displayed
+    table = pd.DataFrame([{"filename": "car.jpg", **dict(zip(BOX_COLUMNS, box)), "class_id": 1, "class_name": "a"}])
+    for split in ("train", "test"):
+        table.to_csv(folder / f"{split}.csv", index=False)
+    resized = resize_copy(folder, 40)
+    row = next(rows(resized))
+    with Image.open(resized / row.filename) as im:
+        assert im.width > im.height and min(im.size) < 144  # upright, and shrunk
+    crops = [np.asarray(open_image(path, box=b).resize((24, 24), Image.Resampling.BOX), dtype=float)
+             for path, b in ((folder / "car.jpg", box), (resized / row.filename, [getattr(row, c) for c in BOX_COLUMNS]))]
+    assert np.abs(crops[0] - crops[1]).mean() < 4
+    expected = np.asarray(upright.crop((24, 24, 168, 120)).resize((24, 24), Image.Resampling.BOX), dtype=float)
+    assert np.abs(crops[0] - expected).mean() < 2  # and that is the box on the upright photo

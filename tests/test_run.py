@@ -1,6 +1,7 @@
 """run.py end to end on a generated Stanford-Cars-format set: all three stages, every output,
 accuracy well above chance, resume after a kill without repeating epochs, and clear errors."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,25 +47,58 @@ def test_existing_run_is_not_overwritten(trained, prepared):
         run.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--out", str(trained)])
 
 
-def test_resume_after_kill_does_not_repeat_epochs(prepared, tmp_path):
-    out = tmp_path / "killed"
-    args = ["--data", prepared, "--arch", "resnet18", "--no-pretrained", "--epochs", "2,2,1", "--sizes", "32,40",
-            "--bs", "16,16", "--workers", "0", "--out", out]
+def kill_when(args, out, reached):
+    """Start run.py with `args`, SIGKILL it as soon as progress.json satisfies `reached`; return that progress."""
     proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *map(str, args)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (out / "progress.json").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    deadline, progress = time.time() + 300, {}
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            progress = json.loads((out / "progress.json").read_text())
+        except (FileNotFoundError, ValueError):
+            progress = {}
+        if progress and reached(progress):
+            break
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    progress = json.loads((out / "progress.json").read_text())
-    done_rows = len(pd.read_csv(out / "history.csv"))
-    assert not (out / "metrics.json").exists() and done_rows < 5
+    return progress
+
+
+EPOCHS = (2, 3, 2)
+UNINTERRUPTED = [("frozen", 1), ("frozen", 2), ("unfrozen", 1), ("unfrozen", 2), ("unfrozen", 3), ("resized", 1),
+                 ("resized", 2)]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_resume_after_a_kill_in_any_stage_continues_there(prepared, tmp_path, stage):
+    out = tmp_path / "killed"
+    args = ["--data", prepared, "--arch", "resnet18", "--no-pretrained", "--epochs", ",".join(map(str, EPOCHS)),
+            "--sizes", "32,40", "--bs", "16,16", "--workers", "0", "--out", out]
+    progress = kill_when(args, out, lambda p: p["stage"] == stage and p["epoch"] < EPOCHS[stage])
+    assert progress["stage"] == stage and not (out / "metrics.json").exists(), progress
+    before = pd.read_csv(out / "history.csv")
     run.main([str(a) for a in args] + ["--resume"])
     history = pd.read_csv(out / "history.csv")
-    assert list(zip(history["stage"], history["epoch"])) == [("frozen", 1), ("frozen", 2), ("unfrozen", 1),
-                                                             ("unfrozen", 2), ("resized", 1)]
-    assert progress["epoch"] >= 1 and (out / "metrics.json").exists()
+    assert list(zip(history["stage"], history["epoch"])) == UNINTERRUPTED  # nothing trained twice, nothing skipped
+    pd.testing.assert_frame_equal(history.head(len(before)), before)  # the rows before the kill, seconds and all
+    assert (out / "metrics.json").exists()
+
+
+def test_checkpoint_with_pickled_code_is_refused_on_resume(trained, tmp_path, monkeypatch):
+    import pickle
+    from conftest import PickleBomb
+    copy = shutil.copytree(trained, tmp_path / "copy")
+    (copy / "progress.json").write_text(json.dumps({"stage": 1, "epoch": 1}))
+    with open(copy / "checkpoint.pth", "wb") as f:
+        pickle.dump({"model": PickleBomb()}, f)
+    monkeypatch.chdir(tmp_path)
+    result = run_script("run.py", "--out", copy, "--resume", "--workers", 0, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {copy / 'checkpoint.pth'}: not a checkpoint of this run that can be loaded safely")
+    assert len([l for l in lines if l.startswith("error")]) == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "PWNED").exists()
 
 
 def test_bad_inputs_give_one_clear_line(prepared, tmp_path):

@@ -1,0 +1,131 @@
+"""Heads: the classifier put on a backbone's feature map, chosen by `--head`.
+
+    concat    fastai's head (concat avg+max pool, BN, dropout, 512, ReLU, BN, dropout, n_out): the default
+    linear    fastai's add_head set up as torchvision's: average pool, one linear layer
+    bilinear  symmetric bilinear CNN (B-CNN, seeds/002): 1x1 reduction, outer product averaged over
+              locations, signed square root, L2 normalization, dropout, linear classifier
+    localize  the concat head plus a box head; forward returns (class logits, box), the box as
+              x1, y1, x2, y2 in fastai's normalized frame of the input image (-1..1, as TensorBBox after PointScaler)
+
+`make_head(kind, body, n_out, **options)` returns nn.Sequential(body, head), so that fastai's splitters
+(model[0] the body, model[1:] the head) and `Learner.freeze` treat every head alike: the head is always
+the last parameter group. The body is fastai's: `create_body(torchvision_model, cut=-2)` for torchvision,
+`TimmBody` (= `create_timm_model(name, n_out)[0][0]`) for timm."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cli import UserError
+
+FASTAI_HEADS = {  # heads that are fastai's add_head with these arguments
+    "concat": {},
+    "linear": dict(concat_pool=False, lin_ftrs=[], first_bn=False, ps=0.0),
+}
+HEADS = (*FASTAI_HEADS, "bilinear", "localize")
+OPTIONS = {**{k: {} for k in FASTAI_HEADS}, "bilinear": {"reduce_ch": 512, "dropout": 0.5}, "localize": {"box_dropout": 0.1}}
+BOX_RANGE = (-1.1, 1.1)  # a little past the frame, so a box on the image border (target exactly +-1) is reached unsaturated
+
+
+class BilinearPool(nn.Module):
+    """(B, C, H, W) feature map -> (B, D*D) bilinear features with unit L2 norm, D = reduce_ch or C.
+
+    Written by hand: neither fastai, timm nor torchvision has second-order (bilinear) pooling.
+    The 1x1 reduction is fastai's ConvLayer (conv, BatchNorm, ReLU); without it D = C, and the
+    classifier after it has C*C inputs (4.2 M for a 2048-channel ResNet50)."""
+
+    def __init__(self, in_ch, reduce_ch=512, eps=1e-5):
+        super().__init__()
+        from fastai.layers import ConvLayer
+        self.reduce = ConvLayer(in_ch, reduce_ch, ks=1) if reduce_ch else nn.Identity()
+        self.channels = reduce_ch or in_ch
+        self.out_features, self.eps = self.channels ** 2, eps
+
+    def forward(self, x):
+        x = self.reduce(x)
+        # in fp32 even under mixed precision: a sum of H*W products, then a square root near 0
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float().flatten(2)                                 # (B, D, L)
+            gram = torch.bmm(x, x.transpose(1, 2)) / x.shape[2]      # outer product averaged over the L locations
+            y = gram.flatten(1)
+            y = torch.sign(y) * torch.sqrt(y.abs() + self.eps)       # signed square root (eps: finite gradient at 0)
+            return F.normalize(y, dim=1)
+
+
+def bilinear_head(n_features, n_out, reduce_ch=512, dropout=0.5):
+    """BilinearPool, dropout, linear classifier: model[1] of a bilinear model (model[1][0] is the pool)."""
+    pool = BilinearPool(n_features, reduce_ch)
+    return nn.Sequential(pool, nn.Dropout(dropout), nn.Linear(pool.out_features, n_out))
+
+
+def order_corners(box):
+    """x1 <= x2 and y1 <= y2 for any 4 outputs, so the IoU and GIoU of a prediction are always defined."""
+    return torch.cat([torch.minimum(box[..., :2], box[..., 2:]), torch.maximum(box[..., :2], box[..., 2:])], dim=-1)
+
+
+class LocalizeHead(nn.Module):
+    """Feature map -> (class logits, box): two fastai heads on the same features; the box head ends in
+    SigmoidRange(BOX_RANGE), its corners ordered."""
+
+    def __init__(self, n_features, n_out, pool=True, box_dropout=0.1):
+        super().__init__()
+        from fastai.vision.learner import create_head
+        self.cls = create_head(n_features, n_out, pool=pool)
+        self.box = create_head(n_features, 4, pool=pool, ps=box_dropout, y_range=BOX_RANGE)
+
+    def forward(self, x):
+        return self.cls(x), order_corners(self.box(x))
+
+
+def n_features(body):
+    """Channels of the body's output: timm's `num_features` for a TimmBody, else fastai's num_features_model."""
+    from fastai.vision.learner import TimmBody, num_features_model
+    if isinstance(body, TimmBody):
+        return body.model.num_features
+    training = body.training
+    nf = num_features_model(body)  # a dummy forward pass, which leaves the body in eval mode
+    body.train(training)
+    return nf
+
+
+def _check_feature_map(kind, body):
+    """bilinear and localize need a (B, C, H, W) map: timm models without one (ViTs) or channels-last (Swin) are refused."""
+    from fastai.vision.learner import TimmBody
+    if not isinstance(body, TimmBody):
+        return
+    name = body.model.default_cfg.get("architecture", type(body.model).__name__)
+    fmt = str(getattr(body.model, "output_fmt", "NCHW"))
+    if not body.needs_pool or "NCHW" not in fmt:
+        raise UserError(f"--head {kind} needs a (batch, channels, height, width) feature map, and timm's {name} "
+                        f"gives {'pooled features' if not body.needs_pool else fmt}: use --head concat or a CNN backbone")
+
+
+def make_head(kind, body, n_out, **options):
+    """nn.Sequential(body, head) for `kind` in HEADS; `options` as in OPTIONS (unknown ones are refused).
+
+    The head is initialised as fastai's add_head does (kaiming normal, BatchNorm left as is)."""
+    from fastai.torch_core import apply_init
+    from fastai.vision.learner import TimmBody, add_head
+    if kind not in HEADS:
+        raise UserError(f"unknown head {kind!r}: choose one of {', '.join(HEADS)}")
+    unknown = sorted(set(options) - set(OPTIONS[kind]))
+    if unknown:
+        raise UserError(f"head {kind!r} takes no option {unknown[0]!r} (it takes: {', '.join(OPTIONS[kind]) or 'none'})")
+    opts = {**OPTIONS[kind], **options}
+    if int(n_out) < 1:
+        raise UserError(f"a model needs at least one class, got {n_out}")
+    pool = body.needs_pool if isinstance(body, TimmBody) else True  # as fastai's create_timm_model
+    nf = n_features(body)
+    if kind in FASTAI_HEADS:
+        return add_head(body, nf, n_out, pool=pool, **FASTAI_HEADS[kind])
+    _check_feature_map(kind, body)
+    if kind == "bilinear":
+        if opts["reduce_ch"] is not None and int(opts["reduce_ch"]) < 1:
+            raise UserError(f"the bilinear reduction needs a positive number of channels (or none), got {opts['reduce_ch']}")
+        if not 0 <= opts["dropout"] < 1:
+            raise UserError(f"dropout must be in [0, 1), got {opts['dropout']}")
+        head = bilinear_head(nf, n_out, opts["reduce_ch"], opts["dropout"])
+    else:
+        head = LocalizeHead(nf, n_out, pool, opts["box_dropout"])
+    apply_init(head, nn.init.kaiming_normal_)
+    return nn.Sequential(body, head)
+

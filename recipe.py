@@ -1,0 +1,220 @@
+"""Recipes: a write-up's training system as data.
+
+A recipe is a TOML file under recipes/ (or the `recipe` of a run's config.json): run-wide settings
+and a list of stages. `load` reads one by name or path; `resolve` fills in the defaults, applies
+the command line's overrides and checks every value, so that run.py and lr_find.py only read a
+recipe and adding a write-up's system means adding a file. Keys are documented in recipes/README.md."""
+import copy
+import json
+import tomllib
+from pathlib import Path
+
+from cli import UserError
+
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DEFAULT = "fastai_resnext50"
+
+RUN_DEFAULTS = {
+    "arch": "resnext50_32x4d", "head": "concat", "pretrained": True, "loss": "ce", "valid_pct": 0.0, "seed": 42,
+    "resize": "crop", "crop_pct": 1.0, "crop_bbox": False, "balance": False, "augment": "fastai",
+}
+STAGE_DEFAULTS = {
+    "name": None, "epochs": 1, "size": 224, "bs": 32, "lr": 1e-3, "lr_div": 1.0, "opt": "adam", "mom": 0.9,
+    "wd": 0.0, "schedule": "one_cycle", "step_every": 1, "step_gamma": 0.1, "train": "all", "blocks": 0, "patience": 0,
+}
+CHOICES = {
+    "loss": ("ce", "smooth", "focal"), "resize": ("crop", "squash", "pad"), "augment": ("fastai", "flip_crop", "none"),
+    "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
+    "train": ("frozen", "all", "reinit"),
+}
+# heads are checked where they are built (models.py), so that a new head needs no change here
+LIST_FLAGS = {"epochs": "epochs", "sizes": "size", "bs": "bs", "lr": "lr"}   # flag -> stage key
+RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance")
+
+
+def available():
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
+
+
+def load(spec=None):
+    """(name, raw recipe dict) for a recipe name under recipes/, a .toml path, or a run's config.json."""
+    spec = spec or DEFAULT
+    path = Path(spec)
+    if not path.suffix:
+        path = RECIPES / f"{spec}.toml"
+        if not path.is_file():
+            raise UserError(f"unknown recipe {spec!r}: use one of {', '.join(available())}, or a .toml or config.json path")
+    if not path.is_file():
+        raise UserError(f"{path}: no such recipe file")
+    try:
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text()).get("recipe")
+            if not isinstance(raw, dict):
+                raise UserError(f"{path}: no 'recipe' in this JSON (pass a run's config.json)")
+        else:
+            raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not a readable recipe ({err})")
+    raw.setdefault("name", path.parent.name if path.name == "config.json" else path.stem)
+    return str(path), raw
+
+
+def _check(where, key, value, default):
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"{where}: {key} {value!r} is not one of {', '.join(CHOICES[key])}")
+    if default is None or isinstance(default, str):
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{where}: {key} must be a number, got {value!r}")
+    if isinstance(default, int) and value != int(value):
+        raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
+    if value < 0:
+        raise UserError(f"{where}: {key} must not be negative, got {value!r}")
+    return type(default)(value)
+
+
+def _fill(raw, where):
+    """Defaults filled in and every value checked; stage keys at the top level are defaults for every stage."""
+    known = set(RUN_DEFAULTS) | set(STAGE_DEFAULTS) | {"name", "stages"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (run-wide keys: {', '.join(RUN_DEFAULTS)}; "
+                        f"stage keys: {', '.join(STAGE_DEFAULTS)})")
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise UserError(f"{where}: a recipe needs at least one [[stages]] table")
+    recipe = {"name": str(raw.get("name", "recipe"))}
+    for key, default in RUN_DEFAULTS.items():
+        recipe[key] = _check(where, key, raw.get(key, default), default)
+    shared = {k: raw[k] for k in STAGE_DEFAULTS if k in raw}
+    recipe["stages"] = []
+    for i, stage in enumerate(stages, 1):
+        bad = sorted(set(stage) - set(STAGE_DEFAULTS))
+        if bad:
+            raise UserError(f"{where}: stage {i}: unknown key {bad[0]!r} (stage keys: {', '.join(STAGE_DEFAULTS)})")
+        merged = {**STAGE_DEFAULTS, **shared, **stage}
+        filled = {k: _check(f"{where}: stage {i}", k, merged[k], d) for k, d in STAGE_DEFAULTS.items()}
+        filled["name"] = str(filled["name"] or f"stage{i}")
+        recipe["stages"].append(filled)
+    return recipe
+
+
+def _runs(values):
+    """[[0, 1], [2]] for [224, 224, 299]: the runs of consecutive stages that share a value."""
+    runs = []
+    for i, v in enumerate(values):
+        if runs and values[runs[-1][0]] == v:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _spread(flag, given, stages, key):
+    """A list flag's values onto the stages: one per stage, or one per run of stages sharing a value in the recipe
+    (so `--sizes 224,299` keeps its meaning for the three-stage recipe whose sizes are 224, 224, 299)."""
+    values = [s[key] for s in stages]
+    runs = _runs(values) if key != "epochs" else [[i] for i in range(len(stages))]  # epochs are always per stage
+    if len(given) == len(stages):
+        groups = [[i] for i in range(len(stages))]
+    elif len(given) == len(runs):
+        groups = runs
+    else:
+        shown = ", ".join(f"{r[0] + 1}-{r[-1] + 1}" if len(r) > 1 else f"{r[0] + 1}" for r in runs)
+        runs_text = f" or {len(runs)} (one per run of stages sharing a value: {shown})" if len(runs) != len(stages) else ""
+        raise UserError(f"--{flag} takes {len(stages)} comma-separated values (one per stage){runs_text}, "
+                        f"got {len(given)}: {','.join(map(str, given))}")
+    for value, group in zip(given, groups):
+        for i in group:
+            stages[i][key] = value
+
+
+def overrides(args):
+    """{key: value} of the recipe settings the command line gives (flags left at None give nothing)."""
+    given = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k, None) is not None}
+    given.update({f: getattr(args, f) for f in LIST_FLAGS if isinstance(getattr(args, f, None), list)})
+    if getattr(args, "wd", None) is not None:
+        given["wd"] = args.wd
+    return given
+
+
+def resolve(raw, given=None, where="recipe"):
+    """The fully resolved recipe: `raw` with defaults, then the overrides `given` (from `overrides`), checked."""
+    recipe = _fill(copy.deepcopy(raw), where)
+    for key, value in (given or {}).items():
+        if key in RUN_DEFAULTS:
+            recipe[key] = _check(f"--{key.replace('_', '-')}", key, value, RUN_DEFAULTS[key])
+        elif key == "wd":
+            for stage in recipe["stages"]:
+                stage["wd"] = _check("--wd", "wd", value, 0.0)
+        else:
+            _spread(key, value, recipe["stages"], LIST_FLAGS[key])
+    return check(recipe, where)
+
+
+def check(recipe, where):
+    """What a recipe may not ask for, whatever its values one by one."""
+    if not 0 <= recipe["valid_pct"] < 1:
+        raise UserError(f"{where}: valid_pct must be in [0, 1), got {recipe['valid_pct']}")
+    live = [s for s in recipe["stages"] if s["epochs"] > 0]
+    if not live:
+        raise UserError(f"{where}: every stage has 0 epochs; nothing to train")
+    for i, s in enumerate(recipe["stages"], 1):
+        label = f"{where}: stage {i} ({s['name']})"
+        if s["patience"] and not recipe["valid_pct"]:
+            raise UserError(f"{label}: early stopping (patience {s['patience']}) needs a validation split; "
+                            "set valid_pct (or --valid-pct), since the test set is never used to stop")
+        if s["train"] == "reinit" and s["blocks"] < 1:
+            raise UserError(f"{label}: train = 'reinit' needs blocks >= 1 (how many of the last blocks to re-initialize)")
+        if s["train"] != "reinit" and s["blocks"]:
+            raise UserError(f"{label}: blocks is only for train = 'reinit'")
+        if s["schedule"] == "step" and s["step_every"] < 1:
+            raise UserError(f"{label}: schedule 'step' needs step_every >= 1 (epochs between drops)")
+        if s["size"] < 8 or s["bs"] < 1:
+            raise UserError(f"{label}: size must be at least 8 and bs at least 1")
+    if not 0.1 <= recipe["crop_pct"] <= 1:
+        raise UserError(f"{where}: crop_pct must be in [0.1, 1] (the share of the resized image the crop keeps), "
+                        f"got {recipe['crop_pct']}")
+    return recipe
+
+
+def final_size(recipe):
+    """The image size the finished model was last trained at: scoring and test.py use it."""
+    return [s for s in recipe["stages"] if s["epochs"] > 0][-1]["size"]
+
+
+def differences(run_recipe, source, run_given, given):
+    """For --resume: the first command-line setting that differs from the run's recipe, as one line; else None.
+    Each flag is applied as the run's own were, to the recipe file the run started from (`source`)."""
+    for key, value in given.items():
+        alone = resolve(source, {**run_given, key: value}, "the command line")
+        if alone != run_recipe:
+            if key in LIST_FLAGS or key == "wd":
+                field = LIST_FLAGS.get(key, "wd")
+                was = ",".join(f"{s[field]:g}" for s in run_recipe["stages"])
+                now = ",".join(f"{s[field]:g}" for s in alone["stages"])
+            else:
+                was, now = run_recipe[key], alone[key]
+            return f"--{key.replace('_', '-')} {now} differs from the run's {was}"
+    return None
+
+
+def describe(recipe):
+    """The resolved recipe as a table a person can check against its write-up."""
+    lines = [f"recipe {recipe['name']}"]
+    lines += [f"  {k:<10} {recipe[k]}" for k in RUN_DEFAULTS]
+    cols = ["name", "epochs", "size", "bs", "lr", "lr_div", "opt", "mom", "wd", "schedule", "train", "blocks", "patience"]
+    rows = [[str(c) for c in cols]]
+    for s in recipe["stages"]:
+        cells = [f"{s[c]:g}" if isinstance(s[c], float) else str(s[c]) for c in cols]
+        if s["schedule"] == "step":
+            cells[cols.index("schedule")] = f"step/{s['step_every']}x{s['step_gamma']:g}"
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    lines.append("stages:" + ("  (stages with 0 epochs are skipped)" if any(s["epochs"] == 0 for s in recipe["stages"]) else ""))
+    lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
