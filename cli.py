@@ -33,7 +33,8 @@ def run(main):
     try:
         main()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # data-parallel: every process stops alike; one says why
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -88,7 +89,16 @@ def add_model_choice(p):
     p.add_argument("--arch", default=None,
                    help=f"backbone: a torchvision ResNet/ResNeXt name or any timm model name (default: {FROM_RECIPE})")
     p.add_argument("--head", default=None,
-                   help=f"classifier head: concat (fastai's), linear (torchvision's) (default: {FROM_RECIPE})")
+                   help="concat (fastai's: avg+max pool, two linear layers), linear (torchvision's: average pool, one "
+                        "linear layer), bilinear (B-CNN: outer product pooling) or localize (concat plus a box head "
+                        f"trained jointly; needs boxes) (default: {FROM_RECIPE})")
+    p.add_argument("--bilinear-dim", type=int, default=None, metavar="CH",
+                   help="--head bilinear: channels of the 1x1 reduction before the outer product; 0 for none "
+                        f"(default: {FROM_RECIPE}, 512)")
+    p.add_argument("--box-loss", choices=["smoothl1", "giou"], default=None,
+                   help=f"--head localize: the box loss, on boxes in the input frame (default: {FROM_RECIPE}, smoothl1)")
+    p.add_argument("--box-lambda", type=float, default=None, metavar="L",
+                   help=f"--head localize: loss = class loss + L x box loss (default: {FROM_RECIPE}, 1.0)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
                    help=f"start from ImageNet weights, or (--no-pretrained) from random weights (default: {FROM_RECIPE})")
     p.add_argument("--weights", default=None,

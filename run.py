@@ -46,6 +46,8 @@ def parse_args(argv=None):
                                                "(default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last completed epoch, with the run's recipe and data")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="data-parallel on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     return p.parse_args(argv)
 
 
@@ -85,27 +87,47 @@ def resolve(args):
 
 
 def score(learn, test_df):
-    """Top-1 and top-5 accuracy over every row of the test CSV, once each, without augmentation."""
-    from data import eval_dl
+    """Top-1 and top-5 accuracy over every row of the test CSV, once each, without augmentation. For a localize model
+    also the mean IoU of its boxes and the share with IoU >= 0.5, on the original images' pixels as test.py reports
+    them, over the rows that have a box."""
+    import torch
+    from boxes import LocalizeLoss, box_scores, predicted_devkit
+    from data import dls_frame, eval_dl
+
+    def top_k_scores(probs, targets):
+        top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
+        return {"test_top1": float((top5[:, 0] == targets).float().mean()),
+                "test_top5": float((top5 == targets[:, None]).any(1).float().mean()), "test_images": len(targets)}
+
     vocab = list(learn.dls.vocab)
     unknown = test_df.index[~test_df["class_id"].isin(vocab)]
     if len(unknown):
         raise UserError(f"test.csv, row {unknown[0] + 1}: class_id {test_df['class_id'][unknown[0]]} never occurs in train.csv")
-    preds, targets = learn.get_preds(dl=eval_dl(learn.dls, test_df))
-    top5 = preds.topk(min(5, preds.shape[1]), dim=1).indices
-    return {"test_top1": float((top5[:, 0] == targets).float().mean()),
-            "test_top5": float((top5 == targets[:, None]).any(1).float().mean()), "test_images": len(targets)}
+    if not isinstance(learn.loss_func, LocalizeLoss):
+        preds, targets = learn.get_preds(dl=eval_dl(learn.dls, test_df))
+        return top_k_scores(preds, targets)
+    # images only: the classes come from the table, and a row without a box is still scored for its class
+    dl = learn.dls.test_dl(test_df, bs=learn.dls.bs, shuffle=False, drop_last=False)
+    (probs, boxes), _ = learn.get_preds(dl=dl)
+    targets = torch.tensor([vocab.index(c) for c in test_df["class_id"]])
+    paths = [Path(test_df.attrs["folder"]) / f for f in test_df["filename"]]
+    found = box_scores(predicted_devkit(boxes, paths, *dls_frame(learn.dls)), test_df, prefix="test_")
+    return {**top_k_scores(probs, targets), **found}
 
 
 def model_meta(recipe, learn, train_df):
     """model.json: what test.py and models.load_trained need to rebuild and feed the model, without unpickling."""
     from data import BOX_MARGIN, IMAGENET_STATS, class_names
+    from models import head_options
     names = class_names(train_df)
-    return {"arch": recipe["arch"], "head": recipe["head"], "recipe": recipe["name"],
+    meta = {"arch": recipe["arch"], "head": recipe["head"], "head_options": head_options(recipe), "recipe": recipe["name"],
             "classes": [{"id": int(c), "name": names[int(c)]} for c in learn.dls.vocab],
             "image_size": recipes.final_size(recipe), "resize": recipe["resize"], "crop_pct": recipe["crop_pct"],
             "normalize": {"mean": IMAGENET_STATS[0], "std": IMAGENET_STATS[1]},
             "crop_bbox": recipe["crop_bbox"], "bbox_margin": BOX_MARGIN}
+    if recipe["head"] == "localize":
+        meta.update(box_loss=recipe["box_loss"], box_lambda=recipe["box_lambda"])
+    return meta
 
 
 def seconds_per_stage(out):
@@ -123,12 +145,24 @@ def write_json(path, obj):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv)
+    import distributed
+    world = distributed.setup()  # first: torchrun / accelerate launch start one of these per process
     recipe, data, out, config = resolve(args)
     if args.show:
         print(recipes.describe(recipe))
         return
+    try:
+        train_and_score(args, argv, recipe, data, out, config, world)
+    finally:
+        distributed.teardown()
+
+
+def train_and_score(args, argv, recipe, data, out, config, world):
+    """Train the recipe's stages (on every process of a data-parallel run), then, on the main process alone,
+    score the test set once and write the model and metrics."""
+    import distributed
     from fastai.torch_core import set_seed
-    from data import check_table_images, get_dls, read_table
+    from data import check_table_images, default_workers, get_dls, read_table
     from models import create_learner, save_trained
     from train import Stage, run_stages, use_device
 
@@ -140,30 +174,43 @@ def main(argv=None):
     check_table_images(train_df, data / "train.csv")
     check_table_images(test_df, data / "test.csv")
     stages = [Stage(**s) for s in recipe["stages"]]
-    set_seed(recipe["seed"])
+    for stage in stages:  # the batch size is the global batch: refuse one that does not share out before training
+        distributed.per_process_bs(stage.bs, world)
+    set_seed(recipe["seed"])  # the same on every process: the same validation split everywhere
+    workers = args.workers if args.workers is not None else max(1, default_workers() // distributed.local_world_size())
 
     def make_dls(size, bs):
-        return get_dls(train_df, size, bs, recipe["valid_pct"], recipe["seed"], recipe["crop_bbox"], balance=recipe["balance"],
-                       augment=recipe["augment"], resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers)
+        dls = get_dls(train_df, size, distributed.per_process_bs(bs, world), recipe["valid_pct"], recipe["seed"],
+                      recipe["crop_bbox"], balance=recipe["balance"], augment=recipe["augment"], resize=recipe["resize"],
+                      crop_pct=recipe["crop_pct"], workers=workers)
+        distributed.seed_per_rank(recipe["seed"])  # each process its own augmentations
+        return dls
 
     first = next(s for s in stages if s.epochs)
     learn = create_learner(make_dls(first.size, first.bs), recipe["arch"], pretrained=recipe["pretrained"],
                            weights=args.weights, loss=recipe["loss"], path=out, head=recipe["head"],
                            opt=first.opt, mom=first.mom)
     device = use_device(learn)
-    print(f"training {recipe['arch']} ({recipe['name']} recipe) on {device}", file=sys.stderr if "CPU" in device else sys.stdout)
-    out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        write_json(out / "config.json", {**config, "run": {"data": str(data), "world_size": 1, "argv": argv}})
+    if world > 1:
+        device = f"{world} processes (data-parallel), each on {device}"
+    if distributed.is_main():
+        print(f"training {recipe['arch']} ({recipe['name']} recipe) on {device}", file=sys.stderr if "CPU" in device else sys.stdout)
+        out.mkdir(parents=True, exist_ok=True)
+        if not args.resume:
+            write_json(out / "config.json", {**config, "run": {"data": str(data), "world_size": world, "argv": argv}})
     started = time.time()
-    run_stages(learn, stages, make_dls, out, resume=args.resume)
+    with distributed.context(learn, sync_bn=args.sync_bn):
+        run_stages(learn, stages, make_dls, out, resume=args.resume)
+    if not distributed.is_main():
+        return
     last = [s for s in stages if s.epochs][-1]
-    learn.dls = make_dls(last.size, last.bs)  # score at the size the model was last trained at, also on a resumed run
-    eval_started = time.time()
-    metrics = score(learn, test_df)
+    with distributed.local():  # the test set is scored once, by the main process alone
+        learn.dls = make_dls(last.size, last.bs)  # at the size the model was last trained at, also on a resumed run
+        eval_started = time.time()
+        metrics = score(learn, test_df)
     metrics.update(seconds_per_stage=seconds_per_stage(out), scoring_seconds=round(time.time() - eval_started, 2),
-                   total_seconds=round(time.time() - started, 2), device=device)
-    save_trained(learn.model, out, model_meta(recipe, learn, train_df))
+                   total_seconds=round(time.time() - started, 2), device=device, world_size=world)
+    save_trained(distributed.unwrap(learn.model), out, model_meta(recipe, learn, train_df))
     write_json(out / "metrics.json", metrics)
     print(f"test accuracy: {metrics['test_top1']:.4f} (top-5 {metrics['test_top5']:.4f}) on {metrics['test_images']} images")
     print(f"model, history.csv and metrics.json are in {out}")

@@ -23,8 +23,8 @@ from fastcore.foundation import L
 from cli import UserError, atomic
 
 CHECKPOINT, PROGRESS, HISTORY, BEST = "checkpoint.pth", "progress.json", "history.csv", "best.pth"
-HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "opt", "lrs", "lrs_end", "train_loss", "valid_loss", "accuracy",
-                   "top5_accuracy", "seconds"]
+METRICS = ["accuracy", "top5_accuracy", "mean_iou", "iou50"]  # the last two only for a model with a box head
+HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "opt", "lrs", "lrs_end", "train_loss", "valid_loss", *METRICS, "seconds"]
 
 
 @dataclass
@@ -88,7 +88,8 @@ class EpochRecord(Callback):
         self.trained = True
 
     def after_epoch(self):
-        if not self.trained:  # an epoch skipped on resume: fastai still calls after_epoch
+        import distributed
+        if not self.trained or not distributed.is_main():  # an epoch skipped on resume; or not the process that writes
             return
         rec = self.learn.recorder
         values = dict(zip(rec.metric_names, rec.log))
@@ -100,15 +101,15 @@ class EpochRecord(Callback):
                "lrs_end": ";".join(f"{h['lr']:.4g}" for h in self.opt.hypers),  # as the schedule left them
                "train_loss": _num(values.get("train_loss")),
                "valid_loss": _num(values.get("valid_loss")) if has_valid else "",
-               "accuracy": _num(values.get("accuracy")) if has_valid else "",
-               "top5_accuracy": _num(values.get("top5_accuracy")) if has_valid else "",
+               **{m: _num(values.get(m)) if has_valid else "" for m in METRICS},
                "seconds": round(time.time() - self.started, 2)}
-        state = {"model": self.learn.model.state_dict(),
+        model = distributed.unwrap(self.learn.model)  # under DDP, without its 'module.' prefix
+        state = {"model": model.state_dict(),
                  "opt": _plain({"state": list(self.opt.state_dict()["state"]), "hypers": [dict(h) for h in self.opt.hypers]})}
         _atomic_save(state, self.out / CHECKPOINT)
         progress = _read_progress(self.out)
         if has_valid and row["accuracy"] != "" and row["accuracy"] > progress.get("best_accuracy", -1):
-            _atomic_save(self.learn.model.state_dict(), self.out / BEST)
+            _atomic_save(model.state_dict(), self.out / BEST)
             progress["best_accuracy"] = row["accuracy"]
         progress.update(stage=self.stage_index, epoch=self.epoch + 1)
         _atomic_json(self.out / PROGRESS, progress)
@@ -250,8 +251,10 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None):
     when a stage names another one.
 
     With `resume`, stages and epochs recorded as done in `out/progress.json` are skipped and the
-    model and optimizer continue from the checkpoint. Returns seconds spent per stage."""
+    model and optimizer continue from the checkpoint; every process of a data-parallel run loads it, and only
+    the main one writes. Returns seconds spent per stage."""
     from fastai.callback.tracker import EarlyStoppingCallback
+    import distributed
     from models import make_opt
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -282,7 +285,8 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None):
         started = time.time()
         fit_stage(learn, stage, first_epoch, cbs)
         seconds[stage.name] = round(time.time() - started, 2)
-        progress = _read_progress(out)
-        progress.update(stage=i, epoch=stage.epochs)  # done, even when early stopping ended it sooner
-        _atomic_json(out / PROGRESS, progress)
+        if distributed.is_main():
+            progress = _read_progress(out)
+            progress.update(stage=i, epoch=stage.epochs)  # done, even when early stopping ended it sooner
+            _atomic_json(out / PROGRESS, progress)
     return seconds
