@@ -11,7 +11,7 @@ DATASET_DIR_cars     := stanford_cars
 DATASET_DIR_aircraft := fgvc_aircraft
 DATASET_DIR_cub      := cub_200_2011
 
-.PHONY: data install demo test reproduce clean
+.PHONY: data install trackers demo test reproduce clean
 .DEFAULT_GOAL := data
 
 $(VENV)/.installed: requirements.txt
@@ -21,6 +21,13 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 install: $(VENV)/.installed
+
+# Optional experiment trackers for run.py --tracker tensorboard|wandb|mlflow (pinned packages never move)
+trackers: $(VENV)/.trackers
+
+$(VENV)/.trackers: requirements-trackers.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements-trackers.txt -c requirements.txt
+	touch $@
 
 # Download (or, with SOURCE=path, import) the dataset into $(DATA_DIR)/<dataset>/{train,test}.csv;
 # with RESIZE=320 also a copy shrunk once for fast GPU training, which `make reproduce RESIZE=320` trains on
@@ -41,9 +48,10 @@ demo: install
 	    --epochs 1,6,2 --sizes 64,96 --bs 16,16 --out $(DEMO_DIR)/run
 	$(PY) test.py --model $(DEMO_DIR)/run --folder $(DEMO_DIR)/source/cars_test \
 	    --csv $(DEMO_DIR)/source/cars_test_labels.csv --label-col 5 --out $(DEMO_DIR)/run/holdout_predictions.csv
-	@echo "plots and predictions: $(DEMO_DIR)/run (loss_plot_frozen.png, holdout_predictions*.{csv,png})"
+	@echo "plots and predictions: $(DEMO_DIR)/run (loss_plot_frozen.png, training_curves.png, holdout_predictions*.{csv,png})"
+	@echo "open the report: $(DEMO_DIR)/run/report.html"
 
-test: install
+test: install trackers
 	$(PY) -m pytest
 
 clean:

@@ -46,6 +46,12 @@ def parse_args(argv=None):
                                                "(default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last completed epoch, with the run's recipe and data")
+    p.add_argument("--tracker", choices=["none", "tensorboard", "wandb", "mlflow"], default="none",
+                   help="log every epoch's metrics, the learning rates and the recipe, offline, under --out "
+                        "(optional packages: make trackers)")
+    p.add_argument("--sanity", action="store_true",
+                   help="only check the data and model first (seeds/001): the untrained loss is about ln(classes), and "
+                        "the model overfits 20 images of 2 classes; exit status 1 when a check fails")
     p.add_argument("--sync-bn", action="store_true",
                    help="data-parallel on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
     return p.parse_args(argv)
@@ -130,6 +136,35 @@ def model_meta(recipe, learn, train_df):
     return meta
 
 
+def sanity_checks(args, recipe, train_df, first):
+    """run.py --sanity: seeds/001's checks on this data and model, printed with their numbers; exit 1 on a failure."""
+    import sanity
+    from data import get_dls
+    from models import create_learner
+    from train import show_bars
+
+    def make_learner(df, size, bs):
+        dls = get_dls(df, size, bs, 0.0, recipe["seed"], recipe["crop_bbox"], augment=recipe["augment"],
+                      resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers)
+        learn = create_learner(dls, recipe["arch"], pretrained=recipe["pretrained"], weights=args.weights,
+                               loss=recipe["loss"], head=recipe["head"], opt=first.opt, mom=first.mom)
+        show_bars(learn, sys.stdout.isatty())
+        return learn
+    results = sanity.run_checks(make_learner, train_df, size=first.size, bs=min(first.bs, 10), lr=first.lr,
+                                seed=recipe["seed"])
+    print(sanity.format_results(results))
+    if not sanity.all_passed(results):
+        raise SystemExit(1)
+
+
+def write_run_report(out, recipe, metrics):
+    """report.html: the metrics, the recipe and the training curves, one self-contained page."""
+    from report import report_sections, write_report
+    from train import CURVES
+    write_report(out / "report.html", f"Run {out.name}: {recipe['arch']}, recipe {recipe['name']}",
+                 report_sections(metrics=metrics, recipe=recipe, curves=out / CURVES))
+
+
 def seconds_per_stage(out):
     """Training seconds of each stage from history.csv, so that a resumed run counts the time before the kill too."""
     import pandas as pd
@@ -187,6 +222,8 @@ def train_and_score(args, argv, recipe, data, out, config, world):
         return dls
 
     first = next(s for s in stages if s.epochs)
+    if args.sanity:
+        return sanity_checks(args, recipe, train_df, first)
     learn = create_learner(make_dls(first.size, first.bs), recipe["arch"], pretrained=recipe["pretrained"],
                            weights=args.weights, loss=recipe["loss"], path=out, head=recipe["head"],
                            opt=first.opt, mom=first.mom)
@@ -198,9 +235,14 @@ def train_and_score(args, argv, recipe, data, out, config, world):
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             write_json(out / "config.json", {**config, "run": {"data": str(data), "world_size": world, "argv": argv}})
+    from trackers import close_trackers, tracker_callbacks
+    trackers = tracker_callbacks(args.tracker, out, recipe) if distributed.is_main() else []
     started = time.time()
-    with distributed.context(learn, sync_bn=args.sync_bn):
-        run_stages(learn, stages, make_dls, out, resume=args.resume)
+    try:
+        with distributed.context(learn, sync_bn=args.sync_bn):
+            run_stages(learn, stages, make_dls, out, resume=args.resume, extra_cbs=trackers)
+    finally:
+        close_trackers(trackers)
     if not distributed.is_main():
         return
     last = [s for s in stages if s.epochs][-1]
@@ -212,8 +254,9 @@ def train_and_score(args, argv, recipe, data, out, config, world):
                    total_seconds=round(time.time() - started, 2), device=device, world_size=world)
     save_trained(distributed.unwrap(learn.model), out, model_meta(recipe, learn, train_df))
     write_json(out / "metrics.json", metrics)
+    write_run_report(out, recipe, metrics)
     print(f"test accuracy: {metrics['test_top1']:.4f} (top-5 {metrics['test_top5']:.4f}) on {metrics['test_images']} images")
-    print(f"model, history.csv and metrics.json are in {out}")
+    print(f"model, history.csv and metrics.json are in {out}; the report: {out / 'report.html'}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from fastcore.foundation import L
 from cli import UserError, atomic
 
 CHECKPOINT, PROGRESS, HISTORY, BEST = "checkpoint.pth", "progress.json", "history.csv", "best.pth"
+CURVES = "training_curves.png"
 METRICS = ["accuracy", "top5_accuracy", "mean_iou", "iou50"]  # the last two only for a model with a box head
 HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "opt", "lrs", "lrs_end", "train_loss", "valid_loss", *METRICS, "seconds"]
 
@@ -73,7 +74,7 @@ class SkipValidation(Callback):
 
 
 class EpochRecord(Callback):
-    """After each epoch: a history.csv row, an atomic checkpoint (model + optimizer), progress.json,
+    """After each epoch: a history.csv row and training_curves.png, an atomic checkpoint (model + optimizer), progress.json,
     the best model by validation accuracy when there is a validation set, and one printed line
     when no progress bar is shown (a log file or CI)."""
     order = 55  # after the Recorder (50) has the epoch's losses and metrics; before early stopping (63) ends the fit
@@ -114,6 +115,8 @@ class EpochRecord(Callback):
         progress.update(stage=self.stage_index, epoch=self.epoch + 1)
         _atomic_json(self.out / PROGRESS, progress)
         self._append_history(row)  # last, so a run killed mid-way never logs an epoch it will redo
+        from plots import training_curves
+        training_curves(self.out / HISTORY, self.out / CURVES)
         if self.print_lines:
             extra = f" valid_loss {row['valid_loss']:.4f} accuracy {row['accuracy']:.4f}" if has_valid else ""
             print(f"{self.stage.name} epoch {self.epoch + 1}/{self.n_epoch} size {self.stage.size}: "
@@ -246,7 +249,7 @@ def plan(stages, progress):
     return todo
 
 
-def run_stages(learn, stages, make_dls, out, resume=False, bars=None):
+def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=()):
     """Fit each stage in turn, re-making the DataLoaders when the size or batch size changes and the optimizer
     when a stage names another one.
 
@@ -277,7 +280,7 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None):
             learn.dls = make_dls(stage.size, stage.bs)
             current = (stage.size, stage.bs)
         set_trainable(learn, stage, starting=first_epoch == 0)
-        cbs = [EpochRecord(out, i, stage, print_lines=not bars)]
+        cbs = [EpochRecord(out, i, stage, print_lines=not bars), *extra_cbs]
         if len(learn.dls.valid_ds) == 0:
             cbs.append(SkipValidation())
         elif stage.patience:

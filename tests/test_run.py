@@ -148,3 +148,46 @@ def test_unreadable_training_image_is_named_before_training(prepared, tmp_path):
     (data / train["filename"][6]).write_bytes(b"not a jpeg")
     with pytest.raises(UserError, match=rf"train\.csv, row 7: .*{train['filename'][6]}: cannot be read as an image"):
         run.main(["--data", str(data), "--arch", "resnet18", "--no-pretrained", "--out", str(tmp_path / "o")])
+
+
+def test_every_run_folder_has_its_curves_and_a_self_contained_report(trained):
+    from html.parser import HTMLParser
+    import numpy as np
+    from PIL import Image
+    with Image.open(trained / "training_curves.png") as im:
+        assert np.asarray(im.convert("L"), dtype=float).std() > 10  # drawn, not blank
+    page = (trained / "report.html").read_text()
+    images = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                images.append(dict(attrs)["src"])
+    Collect().feed(page)
+    assert images and all(src.startswith("data:image/png;base64,") for src in images)  # nothing to fetch
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert f"{metrics['test_top1']:.6g}" in page and "fastai_resnext50" in page
+
+
+@pytest.mark.parametrize("lr, status", [("1e-2,3e-3", 0), ("0,0", 1)])
+def test_sanity_checks_pass_on_learnable_data_and_fail_when_nothing_can_learn(prepared, tmp_path, lr, status):
+    result = run_script("run.py", "--data", prepared, "--arch", "resnet18", "--no-pretrained", "--sizes", "32,32",
+                        "--lr", lr, "--workers", 0, "--sanity", "--out", tmp_path / "s")
+    assert result.returncode == status, result.stdout + result.stderr[-2000:]
+    lines = [l for l in result.stdout.splitlines() if l.startswith(("PASS", "FAIL"))]
+    assert len(lines) == 2 and lines[0].startswith("PASS  untrained loss ~ ln(classes)")
+    assert lines[1].startswith("PASS  overfits 20 images" if status == 0 else "FAIL  overfits 20 images")
+    assert not (tmp_path / "s").exists()  # checks only: no run folder
+
+
+def test_tensorboard_tracker_logs_one_scalar_per_epoch(prepared, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "tb"
+    run.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--epochs", "1,2,0", "--sizes", "32,32",
+              "--bs", "16,16", "--workers", "0", "--tracker", "tensorboard", "--out", str(out)])
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    losses = events.Scalars(next(t for t in events.Tags()["scalars"] if "train_loss" in t))
+    assert [e.step for e in losses] == [1, 2, 3]
+    history = pd.read_csv(out / "history.csv")
+    assert [e.value for e in losses] == pytest.approx(history["train_loss"].tolist(), rel=1e-5)

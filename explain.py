@@ -1,0 +1,206 @@
+"""Why the model said what it said: Grad-CAM heatmaps of chosen images and the images with the
+highest loss, each as one PNG grid with the true and predicted class and the probability.
+
+    rows = select_examples(probs, true, n)                      # most confident mistakes, then correct
+    maps = gradcam_maps(model, images, classes)                 # images: normalized model inputs
+    heatmap_grid(denormalize(images, stats), maps, captions, "out_heatmaps.png")
+    write_heatmaps(...) / write_top_losses(...) do all of it from probabilities and a loader of rows.
+
+The maps come from torchcam (pinned in requirements.txt): small, pure PyTorch, no OpenCV, and
+maintained, where pytorch-grad-cam pulls in OpenCV and fastai has no Grad-CAM of its own. Written
+here: choosing the layer for this project's two model shapes, choosing the rows, and the grids.
+Top losses are taken from the probabilities already computed (the cross-entropy of the true
+class) rather than through fastai's ClassificationInterpretation, whose from_learner runs
+inference again over a labelled loader of the training DataBlock: test.py's hold-out loader has
+no labels (they are matched to the model's classes by id or name) and may be TTA-averaged."""
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cli import UserError, atomic
+
+CELL_INCHES, GRID_DPI = (2.0, 2.55), 100    # one image and its caption: 200 x 255 px
+CAPTION_INCHES, TITLE_INCHES = 0.55, 0.3    # three caption lines under each image; the title over the grid
+HEATMAP_COLUMNS, TOP_LOSS_COLUMNS = 4, 6    # examples per row (a heatmap example is two cells: image, map)
+
+
+# ---------------------------------------------------------------- Grad-CAM
+
+def cam_target_layer(model):
+    """The layer Grad-CAM reads: the last feature stage of the body.
+
+    models.build_model gives nn.Sequential(body, head). A torchvision body is fastai's create_body
+    cut of a ResNet (stem, layer1..layer4), so the last conv block is model[0][-1]; a timm body is
+    fastai's TimmBody, whose .model lists its stages in timm's feature_info."""
+    body = model[0] if isinstance(model, nn.Sequential) and len(model) > 0 else None
+    timm_model = getattr(body, "model", None)
+    if timm_model is not None and getattr(timm_model, "feature_info", None):
+        name = timm_model.feature_info[-1]["module"]
+        try:
+            return timm_model.get_submodule(name)
+        except AttributeError:
+            pass
+    elif isinstance(body, nn.Sequential) and len(body) and any(isinstance(m, nn.Conv2d) for m in body[-1].modules()):
+        return body[-1]
+    raise UserError(f"cannot choose a Grad-CAM layer for this model ({type(model).__name__}); pass target_layer")
+
+
+def gradcam_maps(model, images, class_indices, target_layer=None, bs=16):
+    """Grad-CAM of class `class_indices[i]` for `images[i]` (normalized model inputs, N x 3 x H x W), as
+    N x H x W maps in [0, 1]: torchcam's maps (per image, ReLU then min-max normalized) at the layer's
+    resolution, upsampled bilinearly to the image size as torchcam's fuse_cams does. For a model with
+    a box head, of its class logits. The model is left in the mode it was in."""
+    from torchcam.methods import GradCAM
+    layer = cam_target_layer(model) if target_layer is None else target_layer
+    classes = [int(c) for c in (class_indices.tolist() if torch.is_tensor(class_indices) else class_indices)]
+    if len(classes) != len(images):
+        raise ValueError(f"{len(images)} images but {len(classes)} class indices")
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    maps = []
+    try:
+        with GradCAM(model, target_layer=layer) as cam, torch.enable_grad():
+            for start in range(0, len(images), bs):
+                x = images[start:start + bs].to(device, torch.float32).detach().requires_grad_(True)  # a graph even if frozen
+                scores = model(x)
+                if isinstance(scores, (tuple, list)):   # a localize head returns (class logits, box)
+                    scores = scores[0]
+                small = cam(class_idx=classes[start:start + bs], scores=scores)[0]
+                maps.append(nn.functional.interpolate(small[:, None].float(), size=x.shape[-2:], mode="bilinear",
+                                                      align_corners=False)[:, 0].cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(maps) if maps else torch.zeros(0, *images.shape[-2:])
+
+
+# ---------------------------------------------------------------- which rows to show
+
+def select_examples(probs, true, n):
+    """(mistakes, correct): row indices of the `n` most confident wrong predictions and the `n` most
+    confident right ones, most confident first (ties by row order)."""
+    probs, true = torch.as_tensor(probs).float(), torch.as_tensor(np.asarray(true)).long()
+    conf, pred = probs.max(1)
+    order = np.argsort(-conf.numpy(), kind="stable")
+    wrong = (pred != true).numpy()
+    return order[wrong[order]][:n], order[~wrong[order]][:n]
+
+
+def top_losses(probs, true, n):
+    """(losses, row indices) of the `n` rows with the highest cross-entropy -log p(true class)."""
+    probs, true = torch.as_tensor(probs).float(), torch.as_tensor(np.asarray(true)).long()
+    losses = -probs.gather(1, true[:, None])[:, 0].clamp_min(1e-12).log()
+    values, idx = losses.topk(min(n, len(losses)))
+    return values.numpy(), idx.numpy()
+
+
+def denormalize(images, stats):
+    """Model inputs back to displayable [0, 1] RGB (N x 3 x H x W) with the (mean, std) they were normalized by."""
+    mean, std = (torch.tensor(s, dtype=torch.float32).view(1, -1, 1, 1) for s in stats)
+    return (images.detach().float().cpu() * std + mean).clamp(0, 1)
+
+
+# ---------------------------------------------------------------- grids
+
+def grid_pixels(n_cells, columns):
+    """(width, height) in pixels of a grid of `n_cells` cells, `columns` to a row."""
+    cols, rows = min(n_cells, columns), math.ceil(n_cells / columns)
+    return round(cols * CELL_INCHES[0] * GRID_DPI), round(rows * CELL_INCHES[1] * GRID_DPI)
+
+
+def _grid(cells, columns, path, title):
+    """cells: [(HxWx3 array in [0, 1], caption, caption colour)]; one PNG, written atomically.
+    Laid out here because fastai's show_images and plot_top_losses draw into pyplot's current figure,
+    sized by the number of images, with no caption colour and nothing to save it atomically."""
+    from matplotlib.figure import Figure
+    if not cells:
+        raise UserError(f"{path}: nothing to show")
+    width, height = grid_pixels(len(cells), columns)
+    fig = Figure(figsize=(width / GRID_DPI, height / GRID_DPI), dpi=GRID_DPI)
+    cols, rows = min(len(cells), columns), math.ceil(len(cells) / columns)
+    # each row: the image, then its caption; the title takes the top of the first row
+    image_inches = CELL_INCHES[1] - CAPTION_INCHES - TITLE_INCHES / rows
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=CAPTION_INCHES / (height / GRID_DPI),
+                        top=1 - TITLE_INCHES / (height / GRID_DPI), wspace=0.06, hspace=CAPTION_INCHES / image_inches)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, (image, caption, colour) in zip(axes, cells):
+        ax.imshow(image, interpolation="bilinear")
+        ax.set_title(caption, fontsize=6.5, color=colour, y=-0.02, va="top", pad=0)
+    fig.suptitle(title, fontsize=9, y=1 - 0.05 / height * GRID_DPI, va="top")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return width, height
+
+
+def _hwc(image):
+    return image.permute(1, 2, 0).numpy() if torch.is_tensor(image) else np.asarray(image)
+
+
+def overlay(image, cam):
+    """torchcam's overlay: the map in the jet colour map blended over the image (half each), as HxWx3 in [0, 1]."""
+    from PIL import Image
+    from torchcam.utils import overlay_mask
+    rgb = Image.fromarray((_hwc(image) * 255).round().astype(np.uint8))
+    mask = Image.fromarray(cam.detach().float().cpu().numpy())   # float32: mode "F", as torchcam expects
+    return np.asarray(overlay_mask(rgb, mask, alpha=0.5)) / 255.0
+
+
+def heatmap_grid(images, maps, captions, path, colours=None, title="Grad-CAM: where the model looked"):
+    """A PNG of image / Grad-CAM overlay pairs, HEATMAP_COLUMNS pairs to a row; `images` in [0, 1]."""
+    colours = colours or ["black"] * len(captions)
+    cells = []
+    for image, cam, caption, colour in zip(images, maps, captions, colours):
+        cells += [(_hwc(image), caption, colour), (overlay(image, cam), "Grad-CAM of the\npredicted class", "0.3")]
+    return _grid(cells, 2 * HEATMAP_COLUMNS, path, title)
+
+
+def top_losses_grid(images, captions, path, title="Highest loss: the images the model got most wrong"):
+    """A PNG of the images, TOP_LOSS_COLUMNS to a row, each with its caption; `images` in [0, 1]."""
+    return _grid([(_hwc(im), c, "black") for im, c in zip(images, captions)], TOP_LOSS_COLUMNS, path, title)
+
+
+def caption(name_true, name_pred, prob, loss=None, width=30):
+    """Three lines: true class, predicted class (long names shortened), probability and the loss when given."""
+    short = lambda s: str(s) if len(str(s)) <= width else str(s)[:width - 1] + "…"  # noqa: E731
+    text = f"true: {short(name_true)}\npred: {short(name_pred)}\np = {prob:.3f}"
+    return text + (f", loss {loss:.2f}" if loss is not None else "")
+
+
+# ---------------------------------------------------------------- all of it, for test.py and run.py
+
+def write_heatmaps(model, load_images, probs, true, class_names, n, path, stats, target_layer=None):
+    """`<out>_heatmaps.png`: the n most confident mistakes (red captions), then n correct (green),
+    each with the Grad-CAM of its predicted class. `load_images(row_indices)` returns the
+    normalized model inputs of those rows. Returns the rows shown, or None when there is nothing."""
+    mistakes, correct = select_examples(probs, true, n)
+    rows = np.concatenate([mistakes, correct]).astype(int)
+    if not len(rows):
+        return None
+    probs = torch.as_tensor(probs).float()
+    pred = probs.argmax(1).numpy()
+    x = load_images(rows)
+    maps = gradcam_maps(model, x, pred[rows], target_layer)
+    captions = [caption(class_names[true[r]], class_names[pred[r]], float(probs[r, pred[r]])) for r in rows]
+    colours = ["#b00020"] * len(mistakes) + ["#1b7a1b"] * len(correct)
+    heatmap_grid(denormalize(x, stats), maps, captions, path, colours,
+                 title=f"Grad-CAM: {len(mistakes)} most confident mistakes (red), {len(correct)} correct (green)")
+    return rows
+
+
+def write_top_losses(load_images, probs, true, class_names, n, path, stats):
+    """`<out>_top_losses.png`: the n rows with the highest loss. Returns those rows."""
+    losses, rows = top_losses(probs, true, n)
+    if not len(rows):
+        return None
+    probs = torch.as_tensor(probs).float()
+    pred = probs.argmax(1).numpy()
+    captions = [caption(class_names[true[r]], class_names[pred[r]], float(probs[r, pred[r]]), float(l))
+                for r, l in zip(rows, losses)]
+    top_losses_grid(denormalize(load_images(rows), stats), captions, path)
+    return rows
