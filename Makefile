@@ -47,9 +47,10 @@ demo: install
 	$(PY) run.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained \
 	    --epochs 1,6,2 --sizes 64,96 --bs 16,16 --out $(DEMO_DIR)/run
 	$(PY) test.py --model $(DEMO_DIR)/run --folder $(DEMO_DIR)/source/cars_test \
-	    --csv $(DEMO_DIR)/source/cars_test_labels.csv --label-col 5 --out $(DEMO_DIR)/run/holdout_predictions.csv
+	    --csv $(DEMO_DIR)/source/cars_test_labels.csv --label-col 5 --heatmaps 4 --top-losses 8 \
+	    --out $(DEMO_DIR)/run/holdout_predictions.csv
 	@echo "plots and predictions: $(DEMO_DIR)/run (loss_plot_frozen.png, training_curves.png, holdout_predictions*.{csv,png})"
-	@echo "open the report: $(DEMO_DIR)/run/report.html"
+	@echo "open the reports: $(DEMO_DIR)/run/report.html (the run), $(DEMO_DIR)/run/holdout_predictions_report.html (heatmaps, worst classes)"
 
 test: install trackers
 	$(PY) -m pytest

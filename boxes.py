@@ -171,6 +171,46 @@ def frame_to_devkit(box, width, height, size, method="crop"):
     return pixels_to_devkit(frame_to_pixels(box, width, height, size, method), width, height)
 
 
+def devkit_iou(pred, true):
+    """IoU of two lists of devkit boxes ((N, 4), 1-based inclusive), row by row, as pixel areas on the original image."""
+    def edges(boxes):
+        return torch.tensor([devkit_to_pixels(b) for b in boxes], dtype=torch.float32).reshape(-1, 4)
+    return iou(edges(pred), edges(true))
+
+
+def image_sizes(paths):
+    """(width, height) of each image as viewers show it (EXIF orientation applied), read from the header alone."""
+    from PIL import Image
+    from data import upright_size
+    sizes = []
+    for path in paths:
+        with Image.open(path) as im:
+            sizes.append(upright_size(im))
+    return sizes
+
+
+def predicted_devkit(boxes, paths, size, method="crop"):
+    """The boxes a localize model predicted (model frame, one per image of `paths`) as devkit boxes on the original
+    images, an (N, 4) integer array: frame_to_devkit with each image's own upright size."""
+    import numpy as np
+    rows = [frame_to_devkit(b, w, h, size, method) for b, (w, h) in zip(boxes, image_sizes(paths))]
+    return np.array(rows, dtype=np.int64).reshape(-1, 4)
+
+
+def box_scores(pred, df, prefix=""):
+    """{mean_iou, iou50, box_images} of devkit boxes `pred` against the rows of `df` that have a box (all four
+    bbox columns); {} when none has one."""
+    import numpy as np
+    if not set(BOX_COLUMNS) <= set(df.columns):
+        return {}
+    has = df[BOX_COLUMNS].notna().all(axis=1).to_numpy()
+    if not has.any():
+        return {}
+    overlap = devkit_iou(np.asarray(pred)[has], df[BOX_COLUMNS].to_numpy(dtype=float)[has])
+    return {f"{prefix}mean_iou": float(overlap.mean()), f"{prefix}iou50": float((overlap >= 0.5).float().mean()),
+            f"{prefix}box_images": int(has.sum())}
+
+
 # ---------------------------------------------------------------- data
 
 def require_boxes(df, name="train.csv"):

@@ -4,7 +4,8 @@
     linear    fastai's add_head set up as torchvision's: average pool, one linear layer
     bilinear  symmetric bilinear CNN (B-CNN, seeds/002): 1x1 reduction, outer product averaged over
               locations, signed square root, L2 normalization, dropout, linear classifier
-    localize  the concat head plus a box head; forward returns (class logits, box), the box as
+    localize  the concat head plus a box head that keeps the feature map's layout (1x1 conv, a box_grid x box_grid
+              average pool, flattened, two linear layers); forward returns (class logits, box), the box as
               x1, y1, x2, y2 in fastai's normalized frame of the input image (-1..1, as TensorBBox after PointScaler)
 
 `make_head(kind, body, n_out, **options)` returns nn.Sequential(body, head), so that fastai's splitters
@@ -22,8 +23,10 @@ FASTAI_HEADS = {  # heads that are fastai's add_head with these arguments
     "linear": dict(concat_pool=False, lin_ftrs=[], first_bn=False, ps=0.0),
 }
 HEADS = (*FASTAI_HEADS, "bilinear", "localize")
-OPTIONS = {**{k: {} for k in FASTAI_HEADS}, "bilinear": {"reduce_ch": 512, "dropout": 0.5}, "localize": {"box_dropout": 0.1}}
-BOX_RANGE = (-1.1, 1.1)  # a little past the frame, so a box on the image border (target exactly +-1) is reached unsaturated
+OPTIONS = {**{k: {} for k in FASTAI_HEADS}, "bilinear": {"reduce_ch": 512, "dropout": 0.5},
+           "localize": {"box_dropout": 0.1, "box_grid": 4}}
+BOX_PRIOR = (-0.5, -0.5, 0.5, 0.5)  # what an untrained box head predicts: the centred box of half the width and height
+BOX_CHANNELS, BOX_HIDDEN = 128, 256
 
 
 class BilinearPool(nn.Module):
@@ -63,14 +66,33 @@ def order_corners(box):
 
 
 class LocalizeHead(nn.Module):
-    """Feature map -> (class logits, box): two fastai heads on the same features; the box head ends in
-    SigmoidRange(BOX_RANGE), its corners ordered."""
+    """Feature map -> (class logits, box): fastai's concat head for the classes, and a box head on the same features.
 
-    def __init__(self, n_features, n_out, pool=True, box_dropout=0.1):
+    The box head is written here rather than taken from fastai's create_head, because on generated toy cars
+    (resnet18 from scratch, 64 px, 12-15 epochs of one-cycle) create_head did worse than a fixed box: its global
+    pooling keeps too little of where things are (mean IoU 0.40-0.47, where one fixed centred box gets 0.66), and its
+    SigmoidRange output saturated at the frame's edges under one-cycle's peak rate and stayed there (IoU stuck at the
+    whole frame's 0.40 for epochs). So: a 1x1 ConvLayer to BOX_CHANNELS, an average pool to a box_grid x box_grid grid
+    that keeps the layout, flattened, dropout, two linear layers and a plain linear output (clipped to the frame
+    only where it is scored), the last layer starting at zero weights and BOX_PRIOR. Validation mean IoU there:
+    0.50 with SigmoidRange, 0.73 with the linear output, 0.76 starting at BOX_PRIOR."""
+
+    def __init__(self, n_features, n_out, pool=True, box_dropout=0.1, box_grid=4):
         super().__init__()
+        from fastai.layers import ConvLayer
         from fastai.vision.learner import create_head
         self.cls = create_head(n_features, n_out, pool=pool)
-        self.box = create_head(n_features, 4, pool=pool, ps=box_dropout, y_range=BOX_RANGE)
+        self.box = nn.Sequential(ConvLayer(n_features, BOX_CHANNELS, ks=1), nn.AdaptiveAvgPool2d(box_grid), nn.Flatten(),
+                                 nn.Dropout(box_dropout), nn.Linear(BOX_CHANNELS * box_grid ** 2, BOX_HIDDEN),
+                                 nn.ReLU(inplace=True), nn.Linear(BOX_HIDDEN, 4))
+
+    def reset_box_output(self):
+        """The last layer at zero weights and BOX_PRIOR: every image starts at a sensible box, and neither loss
+        starts from a box far outside the frame, where GIoU's gradient all but vanishes."""
+        last = self.box[-1]
+        nn.init.zeros_(last.weight)
+        with torch.no_grad():
+            last.bias.copy_(torch.tensor(BOX_PRIOR))
 
     def forward(self, x):
         return self.cls(x), order_corners(self.box(x))
@@ -125,7 +147,11 @@ def make_head(kind, body, n_out, **options):
             raise UserError(f"dropout must be in [0, 1), got {opts['dropout']}")
         head = bilinear_head(nf, n_out, opts["reduce_ch"], opts["dropout"])
     else:
-        head = LocalizeHead(nf, n_out, pool, opts["box_dropout"])
+        if not 0 <= opts["box_dropout"] < 1 or int(opts["box_grid"]) < 1:
+            raise UserError(f"box_dropout must be in [0, 1) and box_grid at least 1, got {opts['box_dropout']}, {opts['box_grid']}")
+        head = LocalizeHead(nf, n_out, pool, opts["box_dropout"], int(opts["box_grid"]))
     apply_init(head, nn.init.kaiming_normal_)
+    if kind == "localize":
+        head.reset_box_output()  # after apply_init, which would draw it again
     return nn.Sequential(body, head)
 

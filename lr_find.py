@@ -46,7 +46,7 @@ def main(argv=None):
     from fastai.callback.schedule import minimum, slide, steep, valley
     from fastai.torch_core import set_seed
     from data import check_table_images, get_dls, read_table
-    from models import create_learner, load_trained
+    from models import create_learner, head_args, load_trained
     from train import show_bars, use_device
 
     import recipe as recipes
@@ -55,6 +55,8 @@ def main(argv=None):
     if args.model and (Path(args.model) / "model.json").exists():  # the trained model's own architecture and head
         meta = json.loads((Path(args.model) / "model.json").read_text())
         recipe.update(arch=meta.get("arch", recipe["arch"]), head=meta.get("head", recipe["head"]))
+        if recipe["head"] == "bilinear":
+            recipe["bilinear_dim"] = (meta.get("head_options") or {}).get("reduce_ch") or 0
     want = "frozen" if args.stage == "frozen" else "all"
     stage = next((s for s in recipe["stages"] if s["train"] == want), recipe["stages"][0])
     size, bs = args.size or stage["size"], args.bs or stage["bs"]
@@ -65,10 +67,11 @@ def main(argv=None):
     train_df = read_table(data / "train.csv")
     check_table_images(train_df, data / "train.csv")
     dls = get_dls(train_df, size, bs, recipe["valid_pct"], recipe["seed"], recipe["crop_bbox"], balance=recipe["balance"],
-                  augment=recipe["augment"], resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers)
+                  augment=recipe["augment"], resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers,
+                  head=recipe["head"])
     arch = recipe["arch"]
     learn = create_learner(dls, arch, pretrained=recipe["pretrained"] and args.model is None, weights=args.weights,
-                           wd=stage["wd"], loss=recipe["loss"], head=recipe["head"], opt=stage["opt"], mom=stage["mom"])
+                           wd=stage["wd"], loss=recipe["loss"], opt=stage["opt"], mom=stage["mom"], **head_args(recipe))
     if args.model:
         trained, meta = load_trained(args.model)
         if len(meta["classes"]) != dls.c:

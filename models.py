@@ -1,9 +1,10 @@
 """Models: a fastai Learner for a backbone named on the command line, and saving/loading trained
 models as safetensors weights plus a JSON of metadata (nothing is ever unpickled).
 
-Backbones: torchvision's ResNets and ResNeXts (cut before the pool, fastai's concat-pool head,
-the recipe's three parameter groups), or any timm model by name. Names from the unmaintained
-`pretrainedmodels` package map to timm's ports of the same weights."""
+Backbones: torchvision's ResNets and ResNeXts (cut before the pool, the recipe's three parameter groups),
+or any timm model by name. Names from the unmaintained `pretrainedmodels` package map to timm's ports of
+the same weights. Heads (heads.py, `--head`): concat (fastai's, the default), linear, bilinear, localize;
+model.json records the head and its options, so a trained model is rebuilt from safetensors + JSON alone."""
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from cli import UserError, atomic
+from heads import HEADS, make_head
 
 TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                      "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"}
@@ -50,14 +52,6 @@ def splitter_for(arch):
     return recipe_splitter if resolve_arch(arch)[0] == "torchvision" else default_split
 
 
-# head name -> fastai create_head options; other heads (bilinear, localize) are built in heads.py
-FASTAI_HEADS = {
-    "concat": {},  # fastai's default: avg+max pool, BN, dropout 0.25, 512, ReLU, BN, dropout 0.5, n_out
-    "linear": dict(concat_pool=False, lin_ftrs=[], first_bn=False, ps=0.0),  # torchvision's: average pool, one linear layer
-}
-HEADS = tuple(FASTAI_HEADS)
-
-
 def build_body(arch, pretrained=False):
     """The backbone cut before its pooling: a torchvision ResNet's children, or fastai's TimmBody."""
     from fastai.vision.learner import TimmBody, create_body
@@ -75,14 +69,32 @@ def build_body(arch, pretrained=False):
                         "pass a local file with --weights PATH, or train from scratch with --no-pretrained")
 
 
-def build_model(arch, n_out, pretrained=False, head="concat"):
-    """nn.Sequential(body, head): model[0] is the backbone, model[1:] the head, as fastai's splitters expect."""
-    from fastai.vision.learner import add_head, num_features_model
-    if head not in HEADS:
-        raise UserError(f"unknown head {head!r}: use one of {', '.join(HEADS)}")
-    body = build_body(arch, pretrained)
-    n_features = body.model.num_features if hasattr(body, "model") else num_features_model(body)
-    return add_head(body, n_features, n_out, pool=getattr(body, "needs_pool", True), **FASTAI_HEADS[head])
+def build_model(arch, n_out, pretrained=False, head="concat", head_options=None):
+    """nn.Sequential(body, head) (heads.make_head): model[0] is the backbone, model[1:] the head, as fastai's
+    splitters expect, so the head is always the last parameter group."""
+    if head not in HEADS:  # before building a backbone (and fetching its weights) for nothing
+        raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
+    return make_head(head, build_body(arch, pretrained), n_out, **(head_options or {}))
+
+
+def head_options(recipe):
+    """model.json's head_options for a resolved recipe: every option its head takes (heads.OPTIONS), its defaults
+    written out so that a later change of default cannot change how a saved model is rebuilt."""
+    from heads import OPTIONS
+    options = dict(OPTIONS.get(recipe["head"], {}))
+    if recipe["head"] == "bilinear":
+        options["reduce_ch"] = int(recipe["bilinear_dim"]) or None  # bilinear_dim 0: no 1x1 reduction
+    return options
+
+
+def head_args(recipe, boxes=True):
+    """create_learner's head keywords for a resolved recipe: `create_learner(dls, ..., **head_args(recipe))`, with
+    get_dls(..., head=recipe["head"]). `boxes=False`: a localize recipe's classification part alone (fastai's concat
+    head, DataLoaders without boxes), for checks about classes only (run.py --sanity)."""
+    if recipe["head"] == "localize" and not boxes:
+        return {"head": "concat", "head_options": {}}
+    return {"head": recipe["head"], "head_options": head_options(recipe), "box_loss": recipe["box_loss"],
+            "box_lambda": recipe["box_lambda"]}
 
 
 def body_blocks(model):
@@ -172,17 +184,33 @@ def make_opt(name="adam", mom=0.9):
     return partial(Adam, mom=mom, sqr_mom=0.99)
 
 
+def is_localize_dls(dls):
+    """Whether `dls` yields (image, box, class), as data.get_dls(head="localize") builds them."""
+    return len(getattr(dls.train_ds, "tls", ())) == 3 and dls.n_inp == 1
+
+
 def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path=".",
-                   head="concat", opt="adam", mom=0.9):
+                   head="concat", opt="adam", mom=0.9, head_options=None, box_loss="smoothl1", box_lambda=1.0):
     """A fastai Learner: the backbone and head, the loss, the optimizer (AdamW by default; one-cycle cycles its beta1),
-    BatchNorm trained even when frozen, and the body frozen when it starts from ImageNet weights."""
+    BatchNorm trained even when frozen, and the body frozen when it starts from ImageNet weights.
+
+    head "localize" needs DataLoaders from data.get_dls(..., head="localize"); its loss is the class loss plus
+    box_lambda x the box loss (boxes.LocalizeLoss), and it logs accuracy, top-5, mean_iou and iou50 every epoch."""
     from fastai.learner import Learner
     from fastai.metrics import accuracy
-    model = build_model(arch, dls.c, pretrained=pretrained and weights is None, head=head)
+    from boxes import LocalizeLoss, localize_metrics
+    if (head == "localize") != is_localize_dls(dls):
+        raise UserError("--head localize needs DataLoaders with boxes: data.get_dls(..., head='localize')" if head == "localize"
+                        else f"head {head!r} classifies only, but these DataLoaders carry boxes (built for --head localize)")
+    model = build_model(arch, dls.c, pretrained=pretrained and weights is None, head=head, head_options=head_options)
     if weights is not None:
         load_backbone_weights(model, arch, weights)
-    learn = Learner(dls, model, loss_func=make_loss(loss), opt_func=make_opt(opt, mom), wd=wd, train_bn=True, path=path,
-                    splitter=splitter_for(arch), metrics=[accuracy, top5_accuracy])
+    if head == "localize":
+        loss_func, metrics = LocalizeLoss(make_loss(loss), box_loss, box_lambda), localize_metrics(top5_accuracy)
+    else:
+        loss_func, metrics = make_loss(loss), [accuracy, top5_accuracy]
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=make_opt(opt, mom), wd=wd, train_bn=True, path=path,
+                    splitter=splitter_for(arch), metrics=metrics)
     if pretrained or weights is not None:
         learn.freeze()
     return learn
@@ -223,7 +251,10 @@ def load_trained(folder):
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{folder / WEIGHTS_FILE}: not a safetensors file, refusing to load it ({err})")
-    model = build_model(arch, len(classes), pretrained=False, head=meta.get("head", "concat"))
+    options = meta.get("head_options") or {}
+    if not isinstance(options, dict):
+        raise UserError(f"{folder / META_FILE}: head_options must be a JSON object, got {options!r}")
+    model = build_model(arch, len(classes), pretrained=False, head=meta.get("head", "concat"), head_options=options)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

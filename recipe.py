@@ -17,6 +17,9 @@ DEFAULT = "fastai_resnext50"
 RUN_DEFAULTS = {
     "arch": "resnext50_32x4d", "head": "concat", "pretrained": True, "loss": "ce", "valid_pct": 0.0, "seed": 42,
     "resize": "crop", "crop_pct": 1.0, "crop_bbox": False, "balance": False, "augment": "fastai",
+    "bilinear_dim": 512,       # head bilinear: channels of the 1x1 reduction before the outer product (0: none)
+    "box_loss": "smoothl1",    # head localize: smoothl1 or giou, on boxes in the input frame (-1..1)
+    "box_lambda": 1.0,         # head localize: loss = class loss + box_lambda x box loss
 }
 STAGE_DEFAULTS = {
     "name": None, "epochs": 1, "size": 224, "bs": 32, "lr": 1e-3, "lr_div": 1.0, "opt": "adam", "mom": 0.9,
@@ -25,11 +28,12 @@ STAGE_DEFAULTS = {
 CHOICES = {
     "loss": ("ce", "smooth", "focal"), "resize": ("crop", "squash", "pad"), "augment": ("fastai", "flip_crop", "none"),
     "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
-    "train": ("frozen", "all", "reinit"),
+    "train": ("frozen", "all", "reinit"), "box_loss": ("smoothl1", "giou"),
 }
 # heads are checked where they are built (models.py), so that a new head needs no change here
 LIST_FLAGS = {"epochs": "epochs", "sizes": "size", "bs": "bs", "lr": "lr"}   # flag -> stage key
-RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance")
+RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance", "bilinear_dim", "box_loss",
+             "box_lambda")
 
 
 def available():
@@ -206,7 +210,8 @@ def differences(run_recipe, source, run_given, given):
 def describe(recipe):
     """The resolved recipe as a table a person can check against its write-up."""
     lines = [f"recipe {recipe['name']}"]
-    lines += [f"  {k:<10} {recipe[k]}" for k in RUN_DEFAULTS]
+    width = max(map(len, RUN_DEFAULTS))
+    lines += [f"  {k:<{width}} {recipe[k]}" for k in RUN_DEFAULTS]
     cols = ["name", "epochs", "size", "bs", "lr", "lr_div", "opt", "mom", "wd", "schedule", "train", "blocks", "patience"]
     rows = [[str(c) for c in cols]]
     for s in recipe["stages"]:

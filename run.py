@@ -140,14 +140,14 @@ def sanity_checks(args, recipe, train_df, first):
     """run.py --sanity: seeds/001's checks on this data and model, printed with their numbers; exit 1 on a failure."""
     import sanity
     from data import get_dls
-    from models import create_learner
+    from models import create_learner, head_args
     from train import show_bars
 
     def make_learner(df, size, bs):
         dls = get_dls(df, size, bs, 0.0, recipe["seed"], recipe["crop_bbox"], augment=recipe["augment"],
                       resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers)
         learn = create_learner(dls, recipe["arch"], pretrained=recipe["pretrained"], weights=args.weights,
-                               loss=recipe["loss"], head=recipe["head"], opt=first.opt, mom=first.mom)
+                               loss=recipe["loss"], opt=first.opt, mom=first.mom, **head_args(recipe, boxes=False))
         show_bars(learn, sys.stdout.isatty())
         return learn
     results = sanity.run_checks(make_learner, train_df, size=first.size, bs=min(first.bs, 10), lr=first.lr,
@@ -198,7 +198,7 @@ def train_and_score(args, argv, recipe, data, out, config, world):
     import distributed
     from fastai.torch_core import set_seed
     from data import check_table_images, default_workers, get_dls, read_table
-    from models import create_learner, save_trained
+    from models import create_learner, head_args, save_trained
     from train import Stage, run_stages, use_device
 
     if not data.is_dir():
@@ -217,7 +217,7 @@ def train_and_score(args, argv, recipe, data, out, config, world):
     def make_dls(size, bs):
         dls = get_dls(train_df, size, distributed.per_process_bs(bs, world), recipe["valid_pct"], recipe["seed"],
                       recipe["crop_bbox"], balance=recipe["balance"], augment=recipe["augment"], resize=recipe["resize"],
-                      crop_pct=recipe["crop_pct"], workers=workers)
+                      crop_pct=recipe["crop_pct"], workers=workers, head=recipe["head"])
         distributed.seed_per_rank(recipe["seed"])  # each process its own augmentations
         return dls
 
@@ -225,8 +225,8 @@ def train_and_score(args, argv, recipe, data, out, config, world):
     if args.sanity:
         return sanity_checks(args, recipe, train_df, first)
     learn = create_learner(make_dls(first.size, first.bs), recipe["arch"], pretrained=recipe["pretrained"],
-                           weights=args.weights, loss=recipe["loss"], path=out, head=recipe["head"],
-                           opt=first.opt, mom=first.mom)
+                           weights=args.weights, loss=recipe["loss"], path=out, opt=first.opt, mom=first.mom,
+                           **head_args(recipe))
     device = use_device(learn)
     if world > 1:
         device = f"{world} processes (data-parallel), each on {device}"
@@ -256,6 +256,9 @@ def train_and_score(args, argv, recipe, data, out, config, world):
     write_json(out / "metrics.json", metrics)
     write_run_report(out, recipe, metrics)
     print(f"test accuracy: {metrics['test_top1']:.4f} (top-5 {metrics['test_top5']:.4f}) on {metrics['test_images']} images")
+    if "test_mean_iou" in metrics:
+        print(f"test mean IoU: {metrics['test_mean_iou']:.4f} (IoU >= 0.5: {metrics['test_iou50']:.4f}) "
+              f"on the {metrics['test_box_images']} images with a box")
     print(f"model, history.csv and metrics.json are in {out}; the report: {out / 'report.html'}")
 
 

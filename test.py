@@ -3,10 +3,16 @@
     python test.py --model runs/NAME --folder DIR --csv labels.csv [--label-col COL] [--fname-col COL]
     python test.py --model runs/NAME --folder DIR          # predictions only, every image in DIR
     python test.py --model runs/NAME --folder photo.jpg    # one image
+    python test.py --model runs/CROP --localizer runs/LOC --folder DIR --csv labels.csv   # crops from LOC's boxes
 
 Every row is scored once, in the CSV's order, at the model's image size, without augmentation
 (unless --tta). Labels may be class ids or class names; they are matched to the model's classes
-by value. Written: the predictions CSV (--out), <out>_per_class.csv and <out>_confusion.png."""
+by value. Written: the predictions CSV (--out), <out>_per_class.csv and <out>_confusion.png.
+
+A model trained with --head localize also predicts each image's box: written as pred_x1..pred_y2 (original
+pixels, 1-based like the devkit), scored (mean IoU, IoU >= 0.5) when the CSV has bbox_x1..bbox_y2, and drawn
+with --draw-boxes N into <out>_boxes.png. A model trained with --crop-bbox is scored on the CSV's boxes, or,
+with --localizer LOC, on the boxes LOC predicts, grown by the model's own margin."""
 import sys
 from pathlib import Path
 
@@ -19,6 +25,7 @@ from data import BOX_COLUMNS, BOX_MARGIN
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FNAME_NAMES = ("filename", "fname", "file", "image", "path", "relative_im_path")
+PRED_BOX_COLUMNS = ["pred_x1", "pred_y1", "pred_x2", "pred_y2"]
 LABEL_NAMES = ("class_id", "class_name", "label", "class", "labels", "category", "target")
 
 
@@ -36,7 +43,20 @@ def parse_args(argv=None):
     p.add_argument("--bs", type=int, default=64, help="batch size")
     p.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or unreadable (each is reported) instead of stopping")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: all CPU cores, at most 16)")
-    return p.parse_args(argv)
+    p.add_argument("--localizer", default=None, metavar="LOC",
+                   help="for a model trained with --crop-bbox: crop each image to the box that LOC (a model trained with "
+                        "--head localize on the same classes) predicts, grown by the model's margin, instead of the CSV's boxes")
+    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                   help="with labels: <out>_heatmaps.png, Grad-CAM of the N most confident mistakes and N correct images")
+    p.add_argument("--top-losses", type=int, default=0, metavar="N",
+                   help="with labels: <out>_top_losses.png, the N images with the highest loss")
+    p.add_argument("--draw-boxes", type=int, default=0, metavar="N",
+                   help="save <out>_boxes.png: the first N images with their true (green) and predicted (red) boxes; "
+                        "needs a localize model or --localizer")
+    args = p.parse_args(argv)
+    if args.draw_boxes < 0:
+        p.error(f"--draw-boxes takes a number of images, 0 or more, got {args.draw_boxes}")
+    return args
 
 
 # ---------------------------------------------------------------- reading the hold-out set
@@ -151,22 +171,107 @@ def bad_images(df, folder, skip_bad, where):
 # ---------------------------------------------------------------- predicting and reporting
 
 def predict(model, meta, df, folder, bs, tta=False, workers=None):
-    """Class probabilities for every row of `df`, in order."""
+    """Class probabilities for every row of `df`, in order; for a localize model (probabilities, boxes), each box
+    in the model's input frame (-1..1: boxes.frame_to_devkit maps it back)."""
     from fastai.learner import Learner
     from fastai.losses import CrossEntropyLossFlat
+    from boxes import LocalizeLoss
     from data import inference_dl
     from train import show_bars
     stats = (meta["normalize"]["mean"], meta["normalize"]["std"])
+    localize = is_localizer(meta)
     crop = bool(meta.get("crop_bbox")) and all(c in df.columns for c in BOX_COLUMNS)
     if meta.get("crop_bbox") and not crop:
         print("note: the model was trained on box crops, but the CSV has no bbox_x1..bbox_y2 columns: scoring whole images",
               file=sys.stderr)
     dls, dl = inference_dl(df, folder, int(meta["image_size"]), bs, stats, crop, meta.get("bbox_margin", BOX_MARGIN), workers,
-                           resize=meta.get("resize", "crop"), crop_pct=float(meta.get("crop_pct", 1.0)))
-    learn = Learner(dls, model.to(dls.device), loss_func=CrossEntropyLossFlat())
+                           resize=meta.get("resize", "crop"), crop_pct=float(meta.get("crop_pct", 1.0)), localize=localize)
+    # a localize model's loss applies softmax to the logits only, so get_preds gives (probabilities, boxes)
+    learn = Learner(dls, model.to(dls.device), loss_func=LocalizeLoss(CrossEntropyLossFlat()) if localize else CrossEntropyLossFlat())
     show_bars(learn, sys.stdout.isatty())
+    if localize:
+        probs, boxes = learn.get_preds(dl=dl)[0]
+        return probs.float(), boxes.float()
     probs = learn.tta(dl=dl)[0] if tta else learn.get_preds(dl=dl)[0]
     return probs.float()
+
+
+def is_localizer(meta):
+    return meta.get("head") == "localize"
+
+
+def load_localizer(path, model_path, meta):
+    """(model, metadata) of --localizer: a localize model trained on the same classes as the model it crops for."""
+    from models import load_trained
+    if not meta.get("crop_bbox"):
+        raise UserError(f"--localizer gives the box crops of a model trained with --crop-bbox; {model_path} was trained "
+                        "on whole images and needs no boxes")
+    loc, loc_meta = load_trained(path)
+    if not is_localizer(loc_meta):
+        raise UserError(f"--localizer {path}: this model has no box head (head {loc_meta.get('head', 'concat')!r}); "
+                        "train one with run.py --head localize")
+    ids = [int(c["id"]) for c in meta["classes"]]
+    loc_ids = [int(c["id"]) for c in loc_meta["classes"]]
+    if loc_ids != ids:
+        other = sorted(set(loc_ids) ^ set(ids))
+        raise UserError(f"--localizer {path}: its classes differ from {model_path}'s ({len(loc_ids)} vs {len(ids)} classes"
+                        + (f", e.g. class id {other[0]}" if other else ", in another order") + "); a localizer must be "
+                        "trained on the same dataset")
+    return loc, loc_meta
+
+
+def devkit_boxes(boxes, df, folder, meta):
+    """A localize model's boxes (model frame) as devkit boxes on each original image of `df`."""
+    from boxes import predicted_devkit
+    from data import fastai_resize
+    paths = [Path(folder) / f for f in df["filename"]]
+    return predicted_devkit(boxes, paths, int(meta["image_size"]), fastai_resize(meta.get("resize", "crop")))
+
+
+def print_box_scores(pred, df, what):
+    """Print the mean IoU of `pred` (devkit boxes) with the CSV's boxes, when it has some."""
+    from boxes import box_scores
+    found = box_scores(pred, df)
+    if found:
+        where = "" if found["box_images"] == len(df) else f" (the {found['box_images']} of {len(df)} images with a box)"
+        print(f"{what}mean IoU: {found['mean_iou']:.4f}{where}")
+        print(f"{what}IoU >= 0.5: {found['iou50']:.4f}")
+    return found
+
+
+def draw_boxes(df, folder, pred, n, path, title):
+    """A PNG grid of the first `n` images of `df`, upright, each with its true box (green, when the CSV has one) and
+    the predicted box `pred` (red, devkit)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+    from boxes import devkit_iou
+    from data import load_image
+    n = min(n, len(df))
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.7 * rows + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    has_true = all(c in df.columns for c in BOX_COLUMNS)
+    for i, ax in enumerate(axes.flat[:n]):
+        im, _ = load_image(Path(folder) / df["filename"].iloc[i])
+        ax.imshow(im.convert("RGB"))
+        caption = str(df["filename"].iloc[i])[-28:]
+        boxes = [(pred[i], "red")]
+        if has_true and df[BOX_COLUMNS].iloc[i].notna().all():
+            true = df[BOX_COLUMNS].iloc[i].to_numpy(dtype=float)
+            boxes.insert(0, (true, "lime"))
+            caption += f"\nIoU {devkit_iou([pred[i]], [true]).item():.2f}"
+        for (x1, y1, x2, y2), colour in boxes:  # devkit boxes are 1-based inclusive: pixel edges x1 - 1 .. x2
+            ax.add_patch(Rectangle((x1 - 1, y1 - 1), x2 - x1 + 1, y2 - y1 + 1, fill=False, edgecolor=colour, linewidth=2))
+        ax.set_title(caption, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
 
 
 def confusion_matrix(true, pred, n):
@@ -224,8 +329,9 @@ def write_csv(df, path):
         df.to_csv(tmp, index=False)
 
 
-def report(df, probs, classes, true, out):
-    """Write the predictions (and, with labels, per-class accuracy and the confusion PNG); print the scores."""
+def report(df, probs, classes, true, out, boxes=None):
+    """Write the predictions (and, with labels, per-class accuracy and the confusion PNG); print the scores.
+    `boxes`: devkit boxes predicted for each row, written as pred_x1..pred_y2."""
     k = min(5, probs.shape[1])
     conf, top = probs.topk(k, dim=1)
     top = top.numpy()
@@ -237,6 +343,9 @@ def report(df, probs, classes, true, out):
     preds["pred_id"], preds["pred_name"] = ids[top[:, 0]], names[top[:, 0]]
     preds["confidence"] = conf[:, 0].numpy().round(6)
     preds["top5_ids"] = [";".join(map(str, ids[row])) for row in top]
+    if boxes is not None:
+        for k, col in enumerate(PRED_BOX_COLUMNS):
+            preds[col] = np.asarray(boxes)[:, k]
     if true is not None:
         preds["correct"] = top[:, 0] == true
     write_csv(preds, out)
@@ -263,13 +372,66 @@ def report(df, probs, classes, true, out):
     return top1
 
 
+def explain_and_report(args, model, meta, df, folder, probs, true, out):
+    """<out>_heatmaps.png and <out>_top_losses.png (with labels), then <out>_report.html of this scoring, with the
+    model's training curves when its run folder has them."""
+    import torch
+    import explain
+    from data import inference_dl
+    from report import report_sections, write_report
+    stem = Path(out).with_suffix("")
+    stats = (meta["normalize"]["mean"], meta["normalize"]["std"])
+    labels = [f"{c['id']}: {c['name']}" for c in meta["classes"]]
+    crop = bool(meta.get("crop_bbox")) and all(c in df.columns for c in BOX_COLUMNS)
+
+    def load_images(rows):
+        sub = df.iloc[list(rows)].reset_index(drop=True)
+        _, dl = inference_dl(sub, folder, int(meta["image_size"]), len(sub), stats, crop, meta.get("bbox_margin", BOX_MARGIN),
+                             0, resize=meta.get("resize", "crop"), crop_pct=float(meta.get("crop_pct", 1.0)),
+                             localize=is_localizer(meta))
+        return torch.cat([b[0] for b in dl]).cpu()
+
+    if args.heatmaps:
+        explain.write_heatmaps(model.cpu(), load_images, probs, true, labels, args.heatmaps, f"{stem}_heatmaps.png", stats)
+        print(f"heatmaps: {stem}_heatmaps.png")
+    if args.top_losses:
+        explain.write_top_losses(load_images, probs, true, labels, args.top_losses, f"{stem}_top_losses.png", stats)
+        print(f"top losses: {stem}_top_losses.png")
+    metrics = {"model": str(args.model), "images": len(df)}
+    if true is not None:
+        top = probs.topk(min(5, probs.shape[1]), 1).indices.numpy()
+        metrics.update(accuracy=round(float((top[:, 0] == true).mean()), 4),
+                       top5_accuracy=round(float((top == true[:, None]).any(1).mean()), 4))
+    write_report(f"{stem}_report.html", f"Scoring {args.model} on {args.csv or args.folder}", report_sections(
+        metrics=metrics, recipe={k: meta[k] for k in ("recipe", "arch", "head", "image_size") if k in meta},
+        curves=Path(args.model) / "training_curves.png",
+        per_class=f"{stem}_per_class.csv" if true is not None else None,
+        confusion=f"{stem}_confusion.png" if true is not None else None,
+        heatmaps=f"{stem}_heatmaps.png" if args.heatmaps else None,
+        top_losses=f"{stem}_top_losses.png" if args.top_losses else None))
+    print(f"report: {stem}_report.html")
+
+
 def main(argv=None):
     args = parse_args(argv)
     from models import load_trained
     model, meta = load_trained(args.model)
+    localize = is_localizer(meta)
+    if localize and args.tta:
+        raise UserError("--tta is for classification models: fastai's test-time augmentation would average boxes from "
+                        "flipped and cropped images without moving them back")
+    loc = load_localizer(args.localizer, args.model, meta) if args.localizer else None
+    if args.draw_boxes and not (localize or loc):
+        raise UserError(f"--draw-boxes needs predicted boxes: {args.model} has no box head (train one with --head "
+                        "localize), and no --localizer is given")
     out = Path(args.out)
     stem = out.with_suffix("")
-    for path in (out, Path(f"{stem}_per_class.csv"), Path(f"{stem}_confusion.png")):
+    outputs = [out, Path(f"{stem}_per_class.csv"), Path(f"{stem}_confusion.png")]
+    outputs += [Path(f"{stem}_boxes.png")] if args.draw_boxes else []
+    outputs += [Path(f"{stem}_heatmaps.png")] if args.heatmaps else []
+    outputs += [Path(f"{stem}_top_losses.png")] if args.top_losses else []
+    outputs += [Path(f"{stem}_report.html")]
+    for path in outputs:
         if path.exists() and not args.overwrite:
             raise UserError(f"{path}: already exists; pass --overwrite or choose another --out")
     if args.csv:
@@ -280,6 +442,8 @@ def main(argv=None):
         df, folder = list_images(args.folder)
     where = args.csv or str(folder)
     true = match_labels(df["label"], meta["classes"], where) if "label" in df else None
+    if (args.heatmaps or args.top_losses) and true is None:
+        raise UserError("--heatmaps and --top-losses need labels: pass --csv with a label column")
     bad = bad_images(df, folder, args.skip_bad, where)
     if len(bad) == len(df):
         raise UserError(f"{where}: no readable images left to score")
@@ -287,8 +451,31 @@ def main(argv=None):
         df = df.drop(index=df.index[bad]).reset_index(drop=True)
         true = None if true is None else np.delete(true, bad)
     out.parent.mkdir(parents=True, exist_ok=True)
-    probs = predict(model, meta, df, folder, args.bs, args.tta, args.workers)
-    report(df, probs, meta["classes"], true, out)
+    boxes, margin = None, float(meta.get("bbox_margin", BOX_MARGIN))
+    crops = df
+    if localize:
+        probs, frame_boxes = predict(model, meta, df, folder, args.bs, workers=args.workers)
+        boxes = devkit_boxes(frame_boxes, df, folder, meta)
+    elif loc:
+        _, frame_boxes = predict(loc[0], loc[1], df, folder, args.bs, workers=args.workers)
+        boxes = devkit_boxes(frame_boxes, df, folder, loc[1])
+        print(f"boxes: predicted by the localizer {args.localizer}, grown by {margin:.0%} on every side"
+              + (" (the CSV's own boxes are only compared with them)" if all(c in df.columns for c in BOX_COLUMNS) else ""))
+        crops = df.drop(columns=[c for c in BOX_COLUMNS if c in df.columns]).assign(**dict(zip(BOX_COLUMNS, boxes.T)))
+        probs = predict(model, meta, crops, folder, args.bs, args.tta, args.workers)
+    else:
+        if meta.get("crop_bbox") and all(c in df.columns for c in BOX_COLUMNS):
+            print(f"boxes: the CSV's bbox_x1..bbox_y2, grown by {margin:.0%} on every side")
+        probs = predict(model, meta, df, folder, args.bs, args.tta, args.workers)
+    report(df, probs, meta["classes"], true, out, boxes)
+    explain_and_report(args, model, meta, crops, folder, probs, true, out)
+    if boxes is not None:
+        print_box_scores(boxes, df, "localizer " if loc else "")
+        print(f"predicted boxes: {out} (pred_x1..pred_y2, original pixels, 1-based)")
+    if args.draw_boxes:
+        draw_boxes(df, folder, boxes, args.draw_boxes, f"{stem}_boxes.png",
+                   f"{'localizer ' + str(args.localizer) if loc else args.model}: true box green, predicted red")
+        print(f"boxes drawn: {stem}_boxes.png")
     if bad:
         print(f"skipped {len(bad)} unreadable or missing image(s)", file=sys.stderr)
 

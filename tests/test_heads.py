@@ -128,6 +128,29 @@ def test_predicted_box_corners_are_ordered():
 
 
 @pytest.mark.parametrize("backbone", BODIES)
+def test_box_head_starts_at_the_prior_and_sees_where_things_are(backbone):
+    """An untrained box head predicts BOX_PRIOR for any image (the last layer starts at zero weights); its pooled grid
+    keeps the layout, so a feature map and its mirror image give different boxes, where a global pool could not."""
+    from heads import BOX_PRIOR
+    torch.manual_seed(0)
+    model = make_head("localize", BODIES[backbone](), 3).eval()
+    with torch.no_grad():
+        _, box = model(torch.randn(4, 3, 64, 64) * 3)
+    assert torch.allclose(box, torch.tensor([BOX_PRIOR] * 4))
+    torch.nn.init.normal_(model[1].box[-1].weight)  # as if trained
+    features = torch.randn(2, n_features_of(model), 4, 4)
+    with torch.no_grad():
+        plain, mirrored = model[1].box(features), model[1].box(features.flip(-1))
+        pooled = torch.nn.AdaptiveAvgPool2d(1)
+        assert torch.allclose(pooled(features), pooled(features.flip(-1)), atol=1e-6)  # what a global pool sees
+    assert (plain - mirrored).abs().max() > 0.1
+
+
+def n_features_of(model):
+    return model[1].box[0][0].in_channels
+
+
+@pytest.mark.parametrize("backbone", BODIES)
 def test_concat_is_fastais_head(backbone):
     """The default stays today's model: the same tensors, names and shapes as fastai builds them."""
     import torchvision

@@ -299,3 +299,30 @@ def test_box_crop_model_is_scored_on_its_own_margin_and_upright(tmp_path, scorin
         return np.asarray(upright.crop(region).resize((40, 40), Image.Resampling.BILINEAR), dtype=float)
     assert np.abs(got - resized((40 - 15, 30 - 15, 90 + 15, 80 + 15))).mean() < 1  # 0.3 x 50 px on every side
     assert np.abs(got - resized((40 - 8, 30 - 8, 90 + 8, 80 + 8))).mean() > 10  # not the default margin 0.16
+
+
+def test_heatmaps_top_losses_and_the_scoring_report(trained, prepared, tmp_path, capsys):
+    from html.parser import HTMLParser
+    import numpy as np
+    from PIL import Image
+    score(capsys, "--model", trained, "--folder", prepared, "--csv", prepared / "test.csv", "--heatmaps", 2,
+          "--top-losses", 4, "--out", tmp_path / "p.csv", "--workers", 0)
+    for name in ("p_heatmaps.png", "p_top_losses.png"):
+        with Image.open(tmp_path / name) as im:
+            assert np.asarray(im.convert("L"), dtype=float).std() > 10, name
+    page = (tmp_path / "p_report.html").read_text()
+    images = []
+
+    class Collect(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                images.append(dict(attrs))
+    Collect().feed(page)
+    import base64
+    embedded = {a["alt"]: base64.b64decode(a["src"].split(",", 1)[1]) for a in images}
+    for name in ("p_heatmaps.png", "p_top_losses.png", "p_confusion.png"):
+        assert embedded[name] == (tmp_path / name).read_bytes(), name
+    assert embedded["training_curves.png"] == (trained / "training_curves.png").read_bytes()
+    with pytest.raises(UserError, match="--heatmaps and --top-losses need labels"):
+        holdout.main(["--model", str(trained), "--folder", str(prepared / "test"), "--heatmaps", "2",
+                      "--out", str(tmp_path / "q.csv")])
