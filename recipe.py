@@ -30,7 +30,6 @@ CHOICES = {
     "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
     "train": ("frozen", "all", "reinit"), "box_loss": ("smoothl1", "giou"),
 }
-# heads are checked where they are built (models.py), so that a new head needs no change here
 LIST_FLAGS = {"epochs": "epochs", "sizes": "size", "bs": "bs", "lr": "lr"}   # flag -> stage key
 RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance", "bilinear_dim", "box_loss",
              "box_lambda")
@@ -152,6 +151,8 @@ def resolve(raw, given=None, where="recipe"):
     for key, value in (given or {}).items():
         if key in RUN_DEFAULTS:
             recipe[key] = _check(f"--{key.replace('_', '-')}", key, value, RUN_DEFAULTS[key])
+            if key == "head":
+                _check_head(value, "--head")
         elif key == "wd":
             for stage in recipe["stages"]:
                 stage["wd"] = _check("--wd", "wd", value, 0.0)
@@ -160,8 +161,15 @@ def resolve(raw, given=None, where="recipe"):
     return check(recipe, where)
 
 
+def _check_head(head, where):
+    from heads import HEADS
+    if head not in HEADS:
+        raise UserError(f"{where}: unknown head {head!r}: use one of {', '.join(HEADS)}")
+
+
 def check(recipe, where):
     """What a recipe may not ask for, whatever its values one by one."""
+    _check_head(recipe["head"], where)
     if not 0 <= recipe["valid_pct"] < 1:
         raise UserError(f"{where}: valid_pct must be in [0, 1), got {recipe['valid_pct']}")
     live = [s for s in recipe["stages"] if s["epochs"] > 0]

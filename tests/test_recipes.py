@@ -82,6 +82,9 @@ def test_a_wrong_number_of_values_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == ["error: --epochs takes 1 comma-separated values (one per stage), got 2: 2,2"]
     result = run_script("run.py", "--recipe", "nonesuch", "--show")
     assert result.returncode == 2 and "unknown recipe 'nonesuch'" in result.stderr
+    result = run_script("run.py", "--head", "nonesuch", "--show")  # refused before anything is shown or trained
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --head: unknown head 'nonesuch': use one of concat, linear, bilinear, localize"]
 
 
 def snapshot(folder):
