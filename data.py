@@ -36,7 +36,7 @@ def prepare(dataset, root, sources=(), remotes=None, workers=None, name=None, te
     folder of class folders into train and test, stratified by class, fixed by `seed`."""
     from prepare import DATASETS
     from prepare.fetch import DownloadError, extract, fetch_source, is_archive
-    from prepare.tables import tables_exist, write_tables
+    from prepare.tables import split_notes, tables_exist, write_tables
 
     module = DATASETS[dataset]
     if dataset == "folders":
@@ -80,6 +80,8 @@ def prepare(dataset, root, sources=(), remotes=None, workers=None, name=None, te
     counts = write_tables(records, dest, workers)
     print(f"{dest}: {counts['train']} train and {counts['test']} test images, "
           f"{len({r.class_id for r in records})} classes")
+    for note in split_notes(records):
+        print(note)
     return dest
 
 

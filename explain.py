@@ -23,7 +23,7 @@ from torch import nn
 from cli import UserError, atomic
 
 CELL_INCHES, GRID_DPI = (2.0, 2.55), 100    # one image and its caption: 200 x 255 px
-CAPTION_INCHES, TITLE_INCHES = 0.55, 0.3    # three caption lines under each image; the title over the grid
+CAPTION_INCHES, TITLE_INCHES = 0.55, 0.3    # four caption lines under each image; the title over the grid
 HEATMAP_COLUMNS, TOP_LOSS_COLUMNS = 4, 6    # examples per row (a heatmap example is two cells: image, map)
 
 
@@ -165,19 +165,22 @@ def top_losses_grid(images, captions, path, title="Highest loss: the images the 
     return _grid([(_hwc(im), c, "black") for im, c in zip(images, captions)], TOP_LOSS_COLUMNS, path, title)
 
 
-def caption(name_true, name_pred, prob, loss=None, width=30):
-    """Three lines: true class, predicted class (long names shortened), probability and the loss when given."""
+def caption(name_true, name_pred, prob, loss=None, width=30, file=None):
+    """Three lines: true class, predicted class (long names shortened), probability and the loss when given;
+    over them, the image's file name (its end) when given."""
     short = lambda s: str(s) if len(str(s)) <= width else str(s)[:width - 1] + "…"  # noqa: E731
     text = f"true: {short(name_true)}\npred: {short(name_pred)}\np = {prob:.3f}"
+    text = (f"{file if len(str(file)) <= width else '…' + str(file)[1 - width:]}\n" if file is not None else "") + text
     return text + (f", loss {loss:.2f}" if loss is not None else "")
 
 
 # ---------------------------------------------------------------- all of it, for test.py and run.py
 
-def write_heatmaps(model, load_images, probs, true, class_names, n, path, stats, target_layer=None):
+def write_heatmaps(model, load_images, probs, true, class_names, n, path, stats, target_layer=None, files=None):
     """`<out>_heatmaps.png`: the n most confident mistakes (red captions), then n correct (green),
     each with the Grad-CAM of its predicted class. `load_images(row_indices)` returns the
-    normalized model inputs of those rows. Returns the rows shown, or None when there is nothing."""
+    normalized model inputs of those rows; `files`, the file name of each row, captions them.
+    Returns the rows shown, or None when there is nothing."""
     mistakes, correct = select_examples(probs, true, n)
     rows = np.concatenate([mistakes, correct]).astype(int)
     if not len(rows):
@@ -186,21 +189,22 @@ def write_heatmaps(model, load_images, probs, true, class_names, n, path, stats,
     pred = probs.argmax(1).numpy()
     x = load_images(rows)
     maps = gradcam_maps(model, x, pred[rows], target_layer)
-    captions = [caption(class_names[true[r]], class_names[pred[r]], float(probs[r, pred[r]])) for r in rows]
+    captions = [caption(class_names[true[r]], class_names[pred[r]], float(probs[r, pred[r]]),
+                        file=None if files is None else files[r]) for r in rows]
     colours = ["#b00020"] * len(mistakes) + ["#1b7a1b"] * len(correct)
     heatmap_grid(denormalize(x, stats), maps, captions, path, colours,
                  title=f"Grad-CAM: {len(mistakes)} most confident mistakes (red), {len(correct)} correct (green)")
     return rows
 
 
-def write_top_losses(load_images, probs, true, class_names, n, path, stats):
-    """`<out>_top_losses.png`: the n rows with the highest loss. Returns those rows."""
+def write_top_losses(load_images, probs, true, class_names, n, path, stats, files=None):
+    """`<out>_top_losses.png`: the n rows with the highest loss, captioned as write_heatmaps'. Returns those rows."""
     losses, rows = top_losses(probs, true, n)
     if not len(rows):
         return None
     probs = torch.as_tensor(probs).float()
     pred = probs.argmax(1).numpy()
-    captions = [caption(class_names[true[r]], class_names[pred[r]], float(probs[r, pred[r]]), float(l))
-                for r, l in zip(rows, losses)]
+    captions = [caption(class_names[true[r]], class_names[pred[r]], float(probs[r, pred[r]]), float(l),
+                        file=None if files is None else files[r]) for r, l in zip(rows, losses)]
     top_losses_grid(denormalize(load_images(rows), stats), captions, path)
     return rows

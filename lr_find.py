@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import cli
-from cli import UserError
+from cli import UserError, atomic
 
 
 def parse_args(argv=None):
@@ -93,9 +93,15 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"loss_plot_{args.stage}.png"
-    fig.savefig(png, dpi=120, bbox_inches="tight")
+    with atomic(png) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     suggestions = {n: float(v) for n, v in zip(names, found)}
-    (out / f"lr_find_{args.stage}.json").write_text(json.dumps(suggestions, indent=2))
+    # the points fastai suggested from (it leaves out the first tenth and the last five), to check or replot them
+    rec = learn.recorder
+    curve = {"lr": [float(v) for v in rec.lrs[args.num_it // 10:-5]],
+             "loss": [float(v) for v in rec.losses[args.num_it // 10:-5]]}
+    with atomic(out / f"lr_find_{args.stage}.json") as tmp:
+        tmp.write_text(json.dumps({**suggestions, "curve": curve}, indent=2))
     for n, v in suggestions.items():
         print(f"{n:>8}: {v:.2e}")
     print(f"plot: {png}")

@@ -220,13 +220,13 @@ def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, l
 
 def save_trained(model, folder, meta):
     """Write model.safetensors and model.json into `folder`, each under a temporary name first."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
              for k, v in model.state_dict().items()}
     with atomic(folder / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
+        tmp.write_bytes(save(state))  # through Python's write, so a full disk raises ENOSPC (cli.atomic's one line)
     with atomic(folder / META_FILE) as tmp:
         tmp.write_text(json.dumps(meta, indent=2))
 

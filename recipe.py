@@ -6,6 +6,7 @@ the command line's overrides and checks every value, so that run.py and lr_find.
 recipe and adding a write-up's system means adding a file. Keys are documented in recipes/README.md."""
 import copy
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -30,6 +31,13 @@ CHOICES = {
     "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
     "train": ("frozen", "all", "reinit"), "box_loss": ("smoothl1", "giou"),
 }
+# bounds beyond "not negative": (low, high, how to say it); OPEN_* says which bounds exclude their value
+RANGES = {"mom": (0, 1, "in [0, 1) (0: no momentum)"), "step_gamma": (0, 1, "in (0, 1] (the factor each drop multiplies by)"),
+          "lr_div": (0, None, "above 0 (earlier groups get lr / lr_div)"), "bs": (1, None, "at least 1"),
+          "size": (8, None, "at least 8 (pixels)"), "valid_pct": (0, 1, "in [0, 1)"),
+          "crop_pct": (0.1, 1, "in [0.1, 1] (the share of the resized image the crop keeps)")}
+OPEN_BELOW = {"step_gamma", "lr_div"}
+OPEN_ABOVE = {"mom", "valid_pct"}
 LIST_FLAGS = {"epochs": "epochs", "sizes": "size", "bs": "bs", "lr": "lr"}   # flag -> stage key
 RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance", "bilinear_dim", "box_loss",
              "box_lambda")
@@ -73,11 +81,24 @@ def _check(where, key, value, default):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise UserError(f"{where}: {key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
     if isinstance(default, int) and value != int(value):
         raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
     if value < 0:
         raise UserError(f"{where}: {key} must not be negative, got {value!r}")
+    if not _in_range(key, value):
+        raise UserError(f"{where}: {key} must be {RANGES[key][2]}, got {value!r}")
     return type(default)(value)
+
+
+def _in_range(key, value):
+    if key not in RANGES:
+        return True
+    low, high, _ = RANGES[key]
+    above = low is None or (value > low if key in OPEN_BELOW else value >= low)
+    below = high is None or (value < high if key in OPEN_ABOVE else value <= high)
+    return above and below
 
 
 def _fill(raw, where):
@@ -132,6 +153,7 @@ def _spread(flag, given, stages, key):
         raise UserError(f"--{flag} takes {len(stages)} comma-separated values (one per stage){runs_text}, "
                         f"got {len(given)}: {','.join(map(str, given))}")
     for value, group in zip(given, groups):
+        value = _check(f"--{flag}", key, value, STAGE_DEFAULTS[key])  # the checks a recipe file's values get
         for i in group:
             stages[i][key] = value
 
@@ -170,8 +192,6 @@ def _check_head(head, where):
 def check(recipe, where):
     """What a recipe may not ask for, whatever its values one by one."""
     _check_head(recipe["head"], where)
-    if not 0 <= recipe["valid_pct"] < 1:
-        raise UserError(f"{where}: valid_pct must be in [0, 1), got {recipe['valid_pct']}")
     live = [s for s in recipe["stages"] if s["epochs"] > 0]
     if not live:
         raise UserError(f"{where}: every stage has 0 epochs; nothing to train")
@@ -186,11 +206,6 @@ def check(recipe, where):
             raise UserError(f"{label}: blocks is only for train = 'reinit'")
         if s["schedule"] == "step" and s["step_every"] < 1:
             raise UserError(f"{label}: schedule 'step' needs step_every >= 1 (epochs between drops)")
-        if s["size"] < 8 or s["bs"] < 1:
-            raise UserError(f"{label}: size must be at least 8 and bs at least 1")
-    if not 0.1 <= recipe["crop_pct"] <= 1:
-        raise UserError(f"{where}: crop_pct must be in [0.1, 1] (the share of the resized image the crop keeps), "
-                        f"got {recipe['crop_pct']}")
     return recipe
 
 

@@ -11,6 +11,8 @@ recipe (seeds/000, recipes/fastai_resnext50.toml):
 Other write-ups' systems: --recipe NAME (recipes/README.md); --show prints a recipe resolved and exits.
 Every flag below overrides its part of the recipe. The test set is scored once at the end: every image,
 in order, no augmentation; nothing is ever chosen on it."""
+import contextlib
+import hashlib
 import json
 import sys
 import time
@@ -22,6 +24,7 @@ from cli import UserError, atomic
 
 RUN_FILES = ("progress.json", "history.csv", "checkpoint.pth", "model.safetensors", "metrics.json")
 DEFAULT_DATA = "data/stanford_cars"
+DATA_TABLES = ("train.csv", "test.csv")
 
 
 def parse_args(argv=None):
@@ -67,29 +70,69 @@ def resolve(args):
             raise UserError("--resume needs --out, the run folder to continue")
         out = Path(args.out)
         config_path = out / "config.json"
-        if not (out / "progress.json").exists() or not config_path.exists():
-            raise UserError(f"{out}: nothing to resume (no progress.json and config.json)")
+        missing = [name for name in ("config.json", "checkpoint.pth") if not (out / name).exists()]
+        if missing:
+            why = ("no epoch has finished yet; start it again without --resume" if missing == ["checkpoint.pth"]
+                   else "not a run folder of run.py")
+            raise UserError(f"{out}: nothing to resume (no {' and no '.join(missing)}: {why})")
         try:
             config = json.loads(config_path.read_text())
             source, run_given = config["source"], config["overrides"]
             run_recipe = recipes.resolve(source, run_given, str(config_path))
-            data = Path(config["run"]["data"])
+            run_data = config["run"]["data"]
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{config_path}: not a run configuration ({type(err).__name__}: {err})")
-        if args.recipe is not None and recipes.load(args.recipe)[1]["name"] != run_recipe["name"]:
-            raise UserError(f"--recipe {args.recipe} differs from the run's recipe {run_recipe['name']!r} "
-                            f"({config_path}); resume continues the run as it started")
+        if args.recipe is not None and not same_recipe(recipes.load(args.recipe)[1], run_given, run_recipe):
+            raise UserError(f"--recipe {args.recipe} differs from the run's recipe ({config_path}); "
+                            "resume continues the run as it started")
         diff = recipes.differences(run_recipe, source, run_given, given)
         if diff:
             raise UserError(f"{diff} ({config_path}); resume continues the run as it started: drop the flag, "
                             "or start a new run with another --out")
-        if args.data is not None and Path(args.data).resolve() != data.resolve():
-            raise UserError(f"--data {args.data} differs from the run's {data} ({config_path})")
-        return run_recipe, data, out, config
+        return run_recipe, resumed_data(config, config_path, args.data), out, config
     where, raw = recipes.load(args.recipe)
     recipe = recipes.resolve(raw, given, where)
     config = {"recipe": recipe, "source": raw, "overrides": given}  # the source and flags, to check a resume against
     return recipe, Path(args.data or DEFAULT_DATA), Path(args.out or f"runs/{recipe['name']}"), config
+
+
+def same_recipe(raw, run_given, run_recipe):
+    """Whether the recipe `raw` (a recipe file, with the run's own flags; or a run's config.json, resolved already)
+    is the recipe the run resolved to."""
+    for given in (run_given, {}):
+        try:
+            if recipes.resolve(raw, given) == run_recipe:
+                return True
+        except UserError:  # the run's flags do not fit it (another number of stages)
+            pass
+    return False
+
+
+def data_checksums(data):
+    """{csv name: sha256} of the tables a run trains and scores on, recorded in config.json to check a resume."""
+    return {name: hashlib.sha256((Path(data) / name).read_bytes()).hexdigest() for name in DATA_TABLES}
+
+
+def resumed_data(config, config_path, given):
+    """The data folder a resume trains on: the run's own (an absolute path), holding the very tables it started
+    with; or --data, when it holds them too (the folder was moved). Anything else is refused in one line."""
+    run = config["run"]
+    recorded = run.get("data_sha256")
+    if recorded is None:  # written before runs kept their data's checksums
+        if given is None:
+            raise UserError(f"{config_path}: this run was started before runs recorded their data's checksums, so "
+                            f"its data folder ({run['data']}, relative to where it was started) cannot be checked; "
+                            "pass --data with that folder to resume it")
+        return Path(given)
+    data = Path(given) if given is not None else Path(run["data"])
+    if not all((data / name).is_file() for name in DATA_TABLES):
+        raise UserError(f"{data}: no train.csv and test.csv here, but the run ({config_path}) trained on them; "
+                        "pass --data with the folder they were moved to")
+    changed = [name for name, digest in data_checksums(data).items() if recorded.get(name) != digest]
+    if changed:
+        raise UserError(f"{data / changed[0]}: not the table the run started with (its checksum differs from "
+                        f"{config_path}'s); resume needs the same data: restore it, or start a new run")
+    return data
 
 
 def score(learn, test_df):
@@ -186,13 +229,21 @@ def main(argv=None):
     if args.show:
         print(recipes.describe(recipe))
         return
+    if not data.is_dir():
+        raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
     try:
-        train_and_score(args, argv, recipe, data, out, config, world)
+        with contextlib.ExitStack() as held:  # the run folder's lock, from the first write to the last
+            train_and_score(args, argv, recipe, data, out, config, world, held)
     finally:
         distributed.teardown()
 
 
-def train_and_score(args, argv, recipe, data, out, config, world):
+def refuse_existing_run(out, resume):
+    if any((out / name).exists() for name in RUN_FILES) and not resume:
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+
+
+def train_and_score(args, argv, recipe, data, out, config, world, held):
     """Train the recipe's stages (on every process of a data-parallel run), then, on the main process alone,
     score the test set once and write the model and metrics."""
     import distributed
@@ -201,10 +252,7 @@ def train_and_score(args, argv, recipe, data, out, config, world):
     from models import create_learner, head_args, save_trained
     from train import Stage, run_stages, use_device
 
-    if not data.is_dir():
-        raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
-    if any((out / name).exists() for name in RUN_FILES) and not args.resume:
-        raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
+    refuse_existing_run(out, args.resume)
     train_df, test_df = read_table(data / "train.csv"), read_table(data / "test.csv")
     check_table_images(train_df, data / "train.csv")
     check_table_images(test_df, data / "test.csv")
@@ -231,10 +279,13 @@ def train_and_score(args, argv, recipe, data, out, config, world):
     if world > 1:
         device = f"{world} processes (data-parallel), each on {device}"
     if distributed.is_main():
+        held.enter_context(cli.folder_lock(out))  # one process per run folder (rank 0 writes for a data-parallel run)
+        refuse_existing_run(out, args.resume)  # again, now that no other run can be writing here
         print(f"training {recipe['arch']} ({recipe['name']} recipe) on {device}", file=sys.stderr if "CPU" in device else sys.stdout)
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
-            write_json(out / "config.json", {**config, "run": {"data": str(data), "world_size": world, "argv": argv}})
+            write_json(out / "config.json", {**config, "run": {"data": str(data.resolve()), "data_sha256": data_checksums(data),
+                                                               "world_size": world, "argv": argv}})
     from trackers import close_trackers, tracker_callbacks
     trackers = tracker_callbacks(args.tracker, out, recipe) if distributed.is_main() else []
     started = time.time()

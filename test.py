@@ -6,13 +6,16 @@
     python test.py --model runs/CROP --localizer runs/LOC --folder DIR --csv labels.csv   # crops from LOC's boxes
 
 Every row is scored once, in the CSV's order, at the model's image size, without augmentation
-(unless --tta). Labels may be class ids or class names; they are matched to the model's classes
-by value. Written: the predictions CSV (--out), <out>_per_class.csv and <out>_confusion.png.
+(unless --tta). Labels may be class ids or class names, matched to the model's classes by value, never
+by position: a class name first, a class id where no class name is a number or the column is named like
+class_id; --labels id|name says which where class names are numbers (folders 1, 2, 10) and the column's
+name does not. Written: the predictions CSV (--out), <out>_per_class.csv and <out>_confusion.png.
 
 A model trained with --head localize also predicts each image's box: written as pred_x1..pred_y2 (original
 pixels, 1-based like the devkit), scored (mean IoU, IoU >= 0.5) when the CSV has bbox_x1..bbox_y2, and drawn
 with --draw-boxes N into <out>_boxes.png. A model trained with --crop-bbox is scored on the CSV's boxes, or,
 with --localizer LOC, on the boxes LOC predicts, grown by the model's own margin."""
+import re
 import sys
 from pathlib import Path
 
@@ -27,6 +30,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FNAME_NAMES = ("filename", "fname", "file", "image", "path", "relative_im_path")
 PRED_BOX_COLUMNS = ["pred_x1", "pred_y1", "pred_x2", "pred_y2"]
 LABEL_NAMES = ("class_id", "class_name", "label", "class", "labels", "category", "target")
+ID_HEADER = re.compile(r"(class|label|category|target)?[ _-]?id")       # a label column of class ids, by its header
+NAME_HEADER = re.compile(r"(class|label|category|target)?[ _-]?name")   # ... of class names
 
 
 def parse_args(argv=None):
@@ -37,6 +42,11 @@ def parse_args(argv=None):
     p.add_argument("--fname-col", default=None, help="column of file names: a name or a 0-based index (default: 'filename' or the first)")
     p.add_argument("--label-col", default=None,
                    help="column of labels (class ids or names): a name, a 0-based index, or 'none' (default: found by name)")
+    p.add_argument("--labels", choices=["auto", "id", "name"], default="auto",
+                   help="read the labels as class ids, as class names, or (auto) a class name first and a class id where no "
+                        "class name is a number or the column is named like class_id; where class names are numbers and "
+                        "the column's name says neither, the one reading that fits every row (both fitting but "
+                        "disagreeing is refused)")
     p.add_argument("--out", default="predictions.csv", help="predictions CSV; per-class CSV and confusion PNG are written beside it")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (fastai's tta: flips, crops and the training transforms)")
@@ -54,8 +64,10 @@ def parse_args(argv=None):
                    help="save <out>_boxes.png: the first N images with their true (green) and predicted (red) boxes; "
                         "needs a localize model or --localizer")
     args = p.parse_args(argv)
-    if args.draw_boxes < 0:
-        p.error(f"--draw-boxes takes a number of images, 0 or more, got {args.draw_boxes}")
+    for flag, least in (("bs", 1), ("workers", 0), ("heatmaps", 0), ("top_losses", 0), ("draw_boxes", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise UserError(f"--{flag.replace('_', '-')} takes {least} or more, got {value}")
     return args
 
 
@@ -90,6 +102,7 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
     headerless = (folder / cell).is_file() or Path(cell).suffix.lower() in IMAGE_SUFFIXES
     try:
         df = pd.read_csv(csv, header=None if headerless else 0, keep_default_na=False, na_values=[""])
+        text = pd.read_csv(csv, header=None if headerless else 0, keep_default_na=False, na_values=[""], dtype=str)
     except Exception as err:
         raise UserError(f"{csv}: not a readable CSV ({err})")
     if df.empty:
@@ -105,9 +118,10 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
         label_col = None
     else:
         label_col = _column(df, label_col, "label", csv)
-    out = pd.DataFrame({"filename": df[fname_col].astype(str)})
+    out = pd.DataFrame({"filename": text[fname_col].astype(str)})
     if label_col is not None:
-        out["label"] = df[label_col]
+        out["label"] = text[label_col]  # as written: class name "007" stays "007"
+        out.attrs["label_col"] = label_col
     for box_col in BOX_COLUMNS:  # used only by models trained with --crop-bbox
         if box_col in df.columns:
             out[box_col] = df[box_col]
@@ -127,30 +141,60 @@ def list_images(folder):
     return pd.DataFrame({"filename": files}), folder
 
 
-def match_labels(labels, classes, csv):
-    """Model output index for each label, matched by class id or class name, never by position."""
-    by_id = {int(c["id"]): i for i, c in enumerate(classes)}
-    by_name = {str(c["name"]).strip().lower(): i for i, c in enumerate(classes)}
-    known = ", ".join(map(str, sorted(by_id))) if len(by_id) <= 12 else f"{min(by_id)}..{max(by_id)}"
-    indices = []
+def _integer(text):
+    try:
+        number = float(text)
+    except ValueError:
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def _listed(values):
+    return ", ".join(map(str, values)) if len(values) <= 12 else f"{values[0]}, ..., {values[-1]}"
+
+
+def match_labels(labels, classes, csv, reading="auto", column=None):
+    """Model output index for each label, matched by class name or class id, never by position.
+
+    reading "id" or "name" reads every label one way. "auto": a class name first, and a class id where no class
+    name is a number or `column` (the label column's header) names class ids (class_id). Where class names are
+    numbers (data.py numbers folders 1, 2, 10 as ids 1, 3, 2), a column named like class_name holds names, one named
+    like class_id ids, and any other the one reading that fits every row; both fitting and disagreeing is refused."""
+    texts = []
     for row, value in enumerate(labels):
         if pd.isna(value) or not str(value).strip():
             raise UserError(f"{csv}, row {row + 1}: the label is empty")
-        text = str(value).strip()
-        index = None
-        try:
-            number = float(text)
-            if number.is_integer():
-                index = by_id.get(int(number))
-        except ValueError:
-            pass
+        texts.append(str(value).strip())
+    by_id = {int(c["id"]): i for i, c in enumerate(classes)}
+    by_name = {str(c["name"]).strip().lower(): i for i, c in enumerate(classes)}
+    as_id = [by_id.get(_integer(t)) for t in texts]
+    as_name = [by_name.get(t.lower()) for t in texts]
+    header = str(column).strip().lower() if isinstance(column, str) else ""
+    where = f"column {column!r}" if header else "the label column"
+    hint = ""
+    if reading == "auto":
+        if not any(_integer(name) is not None for name in by_name):
+            reading = "either"  # a number can only be an id
+        elif ID_HEADER.fullmatch(header) or NAME_HEADER.fullmatch(header):
+            reading = "id" if ID_HEADER.fullmatch(header) else "name"
+        elif None not in as_name and None not in as_id and as_name != as_id:
+            row = next(r for r, (a, b) in enumerate(zip(as_name, as_id)) if a != b)
+            raise UserError(f"{csv}, row {row + 1}: label {texts[row]!r} is the class named {texts[row]!r} (id "
+                            f"{classes[as_name[row]]['id']}) or class id {texts[row]} (named {classes[as_id[row]]['name']!r}), "
+                            f"and {where} does not say which: pass --labels name or --labels id")
+        else:
+            reading = "id" if None in as_name and None not in as_id else "name"
+        if reading != "either":
+            other = {"id": "name", "name": "id"}[reading]
+            hint = f"; {where} is read as class {reading}s, --labels {other} reads class {other}s"
+    found = {"id": as_id, "name": as_name, "either": [n if n is not None else i for n, i in zip(as_name, as_id)]}[reading]
+    for row, index in enumerate(found):
         if index is None:
-            index = by_name.get(text.lower())
-        if index is None:
-            raise UserError(f"{csv}, row {row + 1}: label {text!r} is not a class of this model "
-                            f"(ids {known}, or a class name)")
-        indices.append(index)
-    return np.array(indices)
+            ids, names = f"ids {_listed(sorted(by_id))}", f"names {_listed([c['name'] for c in classes])}"
+            known = {"id": ids, "name": names, "either": f"{ids}, or a class name"}[reading]
+            raise UserError(f"{csv}, row {row + 1}: label {texts[row]!r} is not a class {'' if reading == 'either' else reading + ' '}"
+                            f"of this model ({known}){hint}")
+    return np.array(found)
 
 
 def bad_images(df, folder, skip_bad, where):
@@ -392,10 +436,12 @@ def explain_and_report(args, model, meta, df, folder, probs, true, out):
         return torch.cat([b[0] for b in dl]).cpu()
 
     if args.heatmaps:
-        explain.write_heatmaps(model.cpu(), load_images, probs, true, labels, args.heatmaps, f"{stem}_heatmaps.png", stats)
+        explain.write_heatmaps(model.cpu(), load_images, probs, true, labels, args.heatmaps, f"{stem}_heatmaps.png", stats,
+                               files=list(df["filename"]))
         print(f"heatmaps: {stem}_heatmaps.png")
     if args.top_losses:
-        explain.write_top_losses(load_images, probs, true, labels, args.top_losses, f"{stem}_top_losses.png", stats)
+        explain.write_top_losses(load_images, probs, true, labels, args.top_losses, f"{stem}_top_losses.png", stats,
+                                 files=list(df["filename"]))
         print(f"top losses: {stem}_top_losses.png")
     metrics = {"model": str(args.model), "images": len(df)}
     if true is not None:
@@ -432,6 +478,10 @@ def main(argv=None):
     outputs += [Path(f"{stem}_top_losses.png")] if args.top_losses else []
     outputs += [Path(f"{stem}_report.html")]
     for path in outputs:
+        if path.is_dir():
+            raise UserError(f"--out {out} is a folder; --out names the predictions CSV file, e.g. {out / 'predictions.csv'}"
+                            if path == out else f"{path} is a folder, and test.py writes that file for --out {out}; "
+                            "choose another --out")
         if path.exists() and not args.overwrite:
             raise UserError(f"{path}: already exists; pass --overwrite or choose another --out")
     if args.csv:
@@ -441,7 +491,7 @@ def main(argv=None):
     else:
         df, folder = list_images(args.folder)
     where = args.csv or str(folder)
-    true = match_labels(df["label"], meta["classes"], where) if "label" in df else None
+    true = match_labels(df["label"], meta["classes"], where, args.labels, df.attrs.get("label_col")) if "label" in df else None
     if (args.heatmaps or args.top_losses) and true is None:
         raise UserError("--heatmaps and --top-losses need labels: pass --csv with a label column")
     bad = bad_images(df, folder, args.skip_bad, where)

@@ -8,7 +8,10 @@ unfreeze, discriminative learning rates, EarlyStoppingCallback, AMP. Written her
 history callbacks, because fastai's SaveModelCallback and CSVLogger neither write atomically nor record
 the stage, image size and learning rates of each epoch; and the step-decay schedule, which fastai lacks."""
 import csv
+import io
 import json
+import math
+import random
 import sys
 import time
 from dataclasses import dataclass
@@ -18,9 +21,10 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.progress import ProgressCallback
+from fastai.learner import AvgLoss
 from fastcore.foundation import L
 
-from cli import UserError, atomic
+from cli import RunFailed, UserError, atomic
 
 CHECKPOINT, PROGRESS, HISTORY, BEST = "checkpoint.pth", "progress.json", "history.csv", "best.pth"
 CURVES = "training_curves.png"
@@ -63,8 +67,10 @@ def _atomic_json(path, obj):
 
 
 def _atomic_save(obj, path):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialized first, then written by Python: a full disk raises ENOSPC, not a zip error
     with atomic(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
 
 
 class SkipValidation(Callback):
@@ -73,29 +79,77 @@ class SkipValidation(Callback):
         raise CancelValidException()
 
 
+class EpochMeanLoss(AvgLoss):
+    """The epoch's mean training loss, in place of the Recorder's smoothed loss that carries over from earlier
+    epochs of the same fit: history.csv then records each epoch on its own, and a resumed run the same values."""
+    def accumulate(self, learn):
+        if learn.training:
+            super().accumulate(learn)
+
+
+def rng_state(learn):
+    """Every random state the next epoch draws from: Python's, numpy's, torch's and the training loader's shuffle."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "loader": _shuffler(learn).getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(learn, state):
+    random.setstate(_tuples(state["python"]))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    _shuffler(learn).setstate(_tuples(state["loader"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _shuffler(learn):
+    """The random generator the training loader shuffles with (under data-parallel training, the wrapped loader's)."""
+    loader = learn.dls.train
+    return getattr(loader, "dl", loader).rng
+
+
+def _tuples(obj):
+    """random.setstate wants the tuples it gave, which a checkpoint may hand back as lists."""
+    return tuple(_tuples(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
+
+
 class EpochRecord(Callback):
-    """After each epoch: a history.csv row and training_curves.png, an atomic checkpoint (model + optimizer), progress.json,
-    the best model by validation accuracy when there is a validation set, and one printed line
-    when no progress bar is shown (a log file or CI)."""
+    """After each epoch, in this order: an atomic checkpoint that holds the model, the optimizer, the random state and
+    the run's record (stage, epoch, history rows, best accuracy); then progress.json, history.csv and
+    training_curves.png, which are views of that record and are rewritten from it on resume, so a kill between any
+    two writes loses no history row and trains no epoch twice. Also the best model by validation accuracy when there
+    is a validation set, and one printed line when no progress bar is shown (a log file or CI). A non-finite loss
+    ends the run in one line (RunFailed, exit 1) before anything is written, so the last good checkpoint stays."""
     order = 55  # after the Recorder (50) has the epoch's losses and metrics; before early stopping (63) ends the fit
 
-    def __init__(self, out, stage_index, stage, print_lines):
+    def __init__(self, out, stage_index, stage, print_lines, record):
         self.out, self.stage_index, self.stage, self.print_lines = Path(out), stage_index, stage, print_lines
+        self.record = record
 
     def before_epoch(self):
         self.started, self.trained = time.time(), False
 
     def before_train(self):
         self.trained = True
+        self.learn.recorder.smooth_loss.reset()
 
     def after_epoch(self):
         import distributed
-        if not self.trained or not distributed.is_main():  # an epoch skipped on resume; or not the process that writes
+        if not self.trained:  # an epoch skipped on resume
             return
         rec = self.learn.recorder
         values = dict(zip(rec.metric_names, rec.log))
-        has_valid = len(self.dls.valid_ds) > 0
         lrs = group_lrs(self.stage.lr, len(self.opt.param_lists), self.stage.lr_div)
+        self._check_finite(values, lrs)
+        if not distributed.is_main():  # every process checks its loss; one writes
+            return
+        has_valid = len(self.dls.valid_ds) > 0
         row = {"stage": self.stage.name, "epoch": self.epoch + 1, "size": self.stage.size, "bs": self.stage.bs,
                "opt": optimizer_name(self.opt),
                "lrs": ";".join(f"{lr:.3g}" for lr in lrs),
@@ -105,31 +159,54 @@ class EpochRecord(Callback):
                **{m: _num(values.get(m)) if has_valid else "" for m in METRICS},
                "seconds": round(time.time() - self.started, 2)}
         model = distributed.unwrap(self.learn.model)  # under DDP, without its 'module.' prefix
-        state = {"model": model.state_dict(),
-                 "opt": _plain({"state": list(self.opt.state_dict()["state"]), "hypers": [dict(h) for h in self.opt.hypers]})}
-        _atomic_save(state, self.out / CHECKPOINT)
-        progress = _read_progress(self.out)
-        if has_valid and row["accuracy"] != "" and row["accuracy"] > progress.get("best_accuracy", -1):
+        record = self.record
+        record.update(stage=self.stage_index, epoch=self.epoch + 1, history=[*record.get("history", []), row])
+        if has_valid and row["accuracy"] != "" and row["accuracy"] > record.get("best_accuracy", -1):
             _atomic_save(model.state_dict(), self.out / BEST)
-            progress["best_accuracy"] = row["accuracy"]
-        progress.update(stage=self.stage_index, epoch=self.epoch + 1)
-        _atomic_json(self.out / PROGRESS, progress)
-        self._append_history(row)  # last, so a run killed mid-way never logs an epoch it will redo
-        from plots import training_curves
-        training_curves(self.out / HISTORY, self.out / CURVES)
+            record["best_accuracy"] = row["accuracy"]
+        save_checkpoint(self.learn, self.out, record)
+        write_views(self.out, record)
         if self.print_lines:
             extra = f" valid_loss {row['valid_loss']:.4f} accuracy {row['accuracy']:.4f}" if has_valid else ""
             print(f"{self.stage.name} epoch {self.epoch + 1}/{self.n_epoch} size {self.stage.size}: "
                   f"train_loss {row['train_loss']:.4f}{extra} ({row['seconds']:.1f}s)", flush=True)
 
-    def _append_history(self, row):
-        path = self.out / HISTORY
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+    def _check_finite(self, values, lrs):
+        for key in ("train_loss", "valid_loss"):
+            value = _num(values.get(key))
+            if value != "" and not math.isfinite(value):
+                last = self.record.get("history", [])[-1:]
+                kept = (f"the checkpoint of stage {last[0]['stage']!r} epoch {last[0]['epoch']} is kept" if last
+                        else "no epoch had finished, so there is no checkpoint")
+                raise RunFailed(f"stage {self.stage.name!r}, epoch {self.epoch + 1}: {key.replace('_', ' ')} is {value} "
+                                f"at lr {lrs[-1]:g} on the head: training diverged; {kept}. Lower the learning rate "
+                                "(--lr) and start a new run")
+
+
+def save_checkpoint(learn, out, record):
+    """checkpoint.pth: model, optimizer, random state and the run's record, in one atomic write."""
+    import distributed
+    opt = learn.opt.state_dict()
+    state = {"model": distributed.unwrap(learn.model).state_dict(),
+             "opt": _plain({"state": list(opt["state"]), "hypers": [dict(h) for h in learn.opt.hypers]}),
+             "record": _plain(record), "rng": rng_state(learn)}
+    _atomic_save(state, Path(out) / CHECKPOINT)
+
+
+def _progress(record):
+    return {k: record[k] for k in ("stage", "epoch", "best_accuracy", "stage_done") if k in record}
+
+
+def write_views(out, record):
+    """progress.json, history.csv and training_curves.png from the record a checkpoint holds."""
+    from plots import training_curves
+    out = Path(out)
+    _atomic_json(out / PROGRESS, _progress(record))
+    with atomic(out / HISTORY) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(record["history"])
+    training_curves(out / HISTORY, out / CURVES)
 
 
 def optimizer_name(opt):
@@ -166,6 +243,17 @@ def _read_progress(out):
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _read_history(out):
+    path = Path(out) / HISTORY
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _num(v) if k in NUMERIC else v for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+NUMERIC = {"epoch", "size", "bs", "train_loss", "valid_loss", *METRICS, "seconds"}
+
+
 def use_device(learn):
     """bf16 (or fp16) mixed precision and channels-last on a GPU; plain fp32 on the CPU. Returns a description."""
     if torch.cuda.is_available():
@@ -184,17 +272,28 @@ def show_bars(learn, bars):
         learn.logger = lambda *args: None  # the Recorder would print raw lists
 
 
-def restore_checkpoint(learn, out):
-    """Load the model and optimizer state of the last completed epoch (weights only: pickled code is refused)."""
+def load_checkpoint(out):
+    """checkpoint.pth's content, weights only: pickled code is refused in one line."""
     path = Path(out) / CHECKPOINT
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"model", "opt"} <= set(state):
+            raise KeyError("model and opt")
+        return state
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError... for files it will not load
+        raise UserError(f"{path}: not a checkpoint of this run that can be loaded safely "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+
+
+def restore_checkpoint(learn, out, state):
+    """Put a checkpoint's model and optimizer state into `learn`."""
+    try:
         learn.model.load_state_dict(state["model"])
         if learn.opt is None:
             learn.create_opt()
         learn.opt.load_state_dict({"state": state["opt"]["state"], "hypers": L(state["opt"]["hypers"])})
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError, KeyError... for files it will not load
-        raise UserError(f"{path}: not a checkpoint of this run that can be loaded safely "
+    except Exception as err:
+        raise UserError(f"{Path(out) / CHECKPOINT}: not a checkpoint of this run "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
 
 
@@ -226,10 +325,13 @@ def set_trainable(learn, stage, starting):
     """What trains in `stage`: the body frozen (BatchNorm still trains), everything, or the last blocks re-initialized
     (when the stage starts, not when it resumes) and trained with the head while the rest stays frozen."""
     from models import body_blocks, reinit_last_blocks
+    # Learner.freeze_to also clears the optimizer's state: as it should when a stage starts, but a resumed stage
+    # continues with the state its checkpoint restored, so there only the optimizer's freeze_to is called
+    freeze_to = learn.freeze_to if starting else learn.opt.freeze_to
     if stage.train == "all":
-        learn.unfreeze()
+        freeze_to(0)
         return
-    learn.freeze()
+    freeze_to(-1)
     if stage.train == "reinit":
         if starting:
             reinit_last_blocks(learn.model, stage.blocks)
@@ -239,7 +341,7 @@ def set_trainable(learn, stage, starting):
 
 
 def plan(stages, progress):
-    """[(index, stage, first epoch)] still to train, given progress.json's last completed (stage, epoch)."""
+    """[(index, stage, first epoch)] still to train, given the last completed (stage, epoch)."""
     todo = []
     for i, stage in enumerate(stages):
         if stage.epochs == 0 or (progress and (i < progress["stage"] or
@@ -249,13 +351,27 @@ def plan(stages, progress):
     return todo
 
 
+def _done(record, stages):
+    """The last completed (stage, epoch) for `plan`: a stage that early stopping ended counts as done."""
+    if "stage" not in record:
+        return {}
+    if record.get("stage_done") == [record["stage"], record["epoch"]]:
+        return {"stage": record["stage"], "epoch": stages[record["stage"]].epochs}
+    return {"stage": record["stage"], "epoch": record["epoch"]}
+
+
+def _previous_live(stages, i):
+    return next((s for s in reversed(stages[:i]) if s.epochs), None)
+
+
 def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=()):
     """Fit each stage in turn, re-making the DataLoaders when the size or batch size changes and the optimizer
     when a stage names another one.
 
-    With `resume`, stages and epochs recorded as done in `out/progress.json` are skipped and the
-    model and optimizer continue from the checkpoint; every process of a data-parallel run loads it, and only
-    the main one writes. Returns seconds spent per stage."""
+    With `resume`, the model, optimizer and record continue from the checkpoint (every process of a data-parallel run
+    loads it, and only the main one writes); on a single process the random state too, at the point the
+    uninterrupted run would have reached, so the resumed epochs are the ones it would have trained. Returns seconds
+    spent per stage in this process."""
     from fastai.callback.tracker import EarlyStoppingCallback
     import distributed
     from models import make_opt
@@ -263,15 +379,24 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
     out.mkdir(parents=True, exist_ok=True)
     bars = sys.stdout.isatty() if bars is None else bars
     show_bars(learn, bars)
-    progress = _read_progress(out) if resume else {}
-    todo = plan(stages, progress)
-    seconds, current, optimizer = {}, None, None
-    if resume and (out / CHECKPOINT).exists():  # with the optimizer of the stage that wrote it
-        saved = stages[progress["stage"]]
+    learn.recorder.smooth_loss = EpochMeanLoss()
+    record, saved_rng, current, optimizer = {}, None, None, None
+    if resume and (out / CHECKPOINT).exists():
+        state, progress = load_checkpoint(out), _read_progress(out)
+        # a checkpoint from before records were kept in it: its views are all there is
+        record = state.get("record") or {**progress, "history": _read_history(out)}
+        saved_rng = state.get("rng")
+        saved = stages[record["stage"]]  # the optimizer of the stage that wrote it
         learn.opt_func, learn.opt = make_opt(saved.opt, saved.mom), None
         optimizer = (saved.opt, saved.mom)
-        restore_checkpoint(learn, out)
-    for i, stage, first_epoch in todo:
+        restore_checkpoint(learn, out, state)
+        if progress.get("stage_done") == [record["stage"], record["epoch"]]:  # early stopping ended that stage
+            record["stage_done"] = progress["stage_done"]
+        if distributed.is_main():
+            write_views(out, record)  # repairs a view a kill left one epoch behind the checkpoint
+    todo = plan(stages, _done(record, stages))
+    seconds = {}
+    for n, (i, stage, first_epoch) in enumerate(todo):
         if (stage.opt, stage.mom) != optimizer:  # a new optimizer starts with no state; the same one keeps its state
             learn.opt_func, learn.opt = make_opt(stage.opt, stage.mom), None
             learn.create_opt()
@@ -279,8 +404,12 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
         if (stage.size, stage.bs) != current:
             learn.dls = make_dls(stage.size, stage.bs)
             current = (stage.size, stage.bs)
+        previous = _previous_live(stages, i)
+        same_loaders = first_epoch > 0 or (previous is not None and (previous.size, previous.bs) == current)
+        if n == 0 and saved_rng is not None and same_loaders and distributed.world_size() == 1:
+            set_rng_state(learn, saved_rng)  # the uninterrupted run drew on from here, with the loaders it had
         set_trainable(learn, stage, starting=first_epoch == 0)
-        cbs = [EpochRecord(out, i, stage, print_lines=not bars), *extra_cbs]
+        cbs = [EpochRecord(out, i, stage, print_lines=not bars, record=record), *extra_cbs]
         if len(learn.dls.valid_ds) == 0:
             cbs.append(SkipValidation())
         elif stage.patience:
@@ -288,8 +417,8 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
         started = time.time()
         fit_stage(learn, stage, first_epoch, cbs)
         seconds[stage.name] = round(time.time() - started, 2)
-        if distributed.is_main():
-            progress = _read_progress(out)
-            progress.update(stage=i, epoch=stage.epochs)  # done, even when early stopping ended it sooner
-            _atomic_json(out / PROGRESS, progress)
+        if record.get("stage") == i and record["epoch"] < stage.epochs:  # early stopping: done, with epochs left
+            record["stage_done"] = [i, record["epoch"]]
+            if distributed.is_main():
+                _atomic_json(out / PROGRESS, _progress(record))
     return seconds

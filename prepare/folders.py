@@ -1,16 +1,17 @@
-"""Your own data in class folders: `DIR/train/<class>/*` and `DIR/test/<class>/*` (the layout of seeds/003
-and /004), or one folder of class folders that is split here, stratified by class and fixed by a seed.
+"""Your own data in class folders: `DIR/train/<class>/*` and `DIR/test/<class>/*`, or one folder of class
+folders that is split here, stratified by class and fixed by a seed (a class with one image stays in train).
 
 Class ids follow the sorted class-folder names (1..N); class names are the folder names as they are,
 spaces and punctuation kept. Symbolic links are followed. An empty class folder, a class found only in
-test, or a file that is not an image ends in one clear line."""
+test, a file that is not an image, a broken link or a link back to a folder above it ends in one clear line."""
+import os
 import random
 from pathlib import Path
 
 from cli import UserError
 
 from .tables import Record
-from .walk import rglob
+from .walk import refuse_broken, refuse_loop, rglob
 
 DIRNAME = None   # the user's --name
 SOURCES = {}     # nothing to download
@@ -19,12 +20,20 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _class_dirs(folder):
-    return sorted((d for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda d: d.name)
+    entries = sorted((d for d in Path(folder).iterdir() if not d.name.startswith(".")), key=lambda d: d.name)
+    for d in entries:
+        refuse_broken(d)
+        refuse_loop(d, [os.path.realpath(folder)])
+    return [d for d in entries if d.is_dir()]
 
 
 def _images(class_dir):
-    """The class's image files (following links), refusing an empty class folder or a stray non-image file."""
-    files = [p for p in rglob(class_dir) if p.is_file() and not p.name.startswith(".")]
+    """The class's image files (following links), refusing an empty class folder, a stray non-image file
+    or a broken link."""
+    entries = [p for p in rglob(class_dir) if not p.name.startswith(".")]
+    for p in entries:
+        refuse_broken(p)
+    files = [p for p in entries if p.is_file()]
     others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
     if others:
         raise UserError(f"{others[0]}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))}); "
@@ -60,9 +69,8 @@ def find_records(roots, test_pct=None, seed=42):
     for cid, folder in enumerate(dirs, 1):
         files = _images(folder)
         rng.shuffle(files)
-        n_test = round(len(files) * test_pct)
-        if test_pct > 0 and len(files) >= 2:
-            n_test = min(max(n_test, 1), len(files) - 1)  # every class in both splits
+        # every class with 2 or more images in both splits; one image stays in train (data.py names the class)
+        n_test = min(max(round(len(files) * test_pct), 1), len(files) - 1)
         for k, path in enumerate(files):
             split = "test" if k < n_test else "train"
             records.append(Record(split, path, path.relative_to(root).as_posix(), cid, folder.name))

@@ -7,6 +7,7 @@ import contextlib
 import csv
 import os
 import shutil
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +84,19 @@ def image_problems(paths, workers=None, label=None):
 
 
 def _place(record, dest):
-    """Put the record's image under `dest` (a link where possible) and return its relative name."""
+    """Put the record's image under `dest` (a link where possible) and return its relative name.
+
+    Only a link already there to this very image is kept: anything else under that name (a link into an
+    earlier source, a copy, an earlier crop) is replaced, the new one made under a temporary name first."""
     dest = Path(dest).resolve()
     source = Path(record.source).resolve()
     if not record.crop_bottom and source.is_relative_to(dest):
         return source.relative_to(dest).as_posix()
     target = dest / record.split / record.name
     target.parent.mkdir(parents=True, exist_ok=True)
-    if not target.exists():
+    if record.crop_bottom or not target.is_symlink() or target.resolve() != source:
         with atomic(target) as tmp:
+            tmp.unlink(missing_ok=True)  # left by a killed run: writing through it would change what it points to
             if record.crop_bottom:
                 from data import load_image
                 im, _ = load_image(source)
@@ -126,3 +131,19 @@ def write_tables(records, dest, workers=None):
             writer.writerow(COLUMNS)
             writer.writerows(rows[split])
     return {split: len(rows[split]) for split in SPLITS}
+
+
+def split_notes(records):
+    """One line for each split that some classes have no images in, naming them with their image counts."""
+    names = {r.class_id: r.class_name for r in records}
+    totals = Counter(r.class_id for r in records)
+    present = {(r.class_id, r.split) for r in records}
+    notes = []
+    for split, other in (("test", "train"), ("train", "test")):
+        left = [c for c in sorted(names) if (c, split) not in present]
+        if left:
+            listed = ", ".join(f"{names[c]!r} ({totals[c]} image{'s' if totals[c] > 1 else ''})" for c in left)
+            one = len(left) == 1
+            notes.append(f"note: {len(left)} class{'' if one else 'es'} {'has' if one else 'have'} no {split} images "
+                         f"and {'is' if one else 'are'} in {other} only: {listed}")
+    return notes

@@ -12,6 +12,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
@@ -69,7 +70,10 @@ def test_outputs_exist_once_whole_and_the_accuracy_is_test_pys(ddp_run, prepared
     assert json.loads((out / "config.json").read_text())["run"]["world_size"] == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["test_images"] == len(pd.read_csv(prepared / "test.csv"))
-    assert load_file(out / "model.safetensors") and not list(out.glob(".*tmp*"))
+    weights, checkpoint = load_file(out / "model.safetensors"), torch.load(out / "checkpoint.pth", weights_only=True)
+    assert set(weights) == set(checkpoint["model"])  # saved once, without DDP's "module." prefix
+    assert all(torch.equal(weights[k], v.float() if v.is_floating_point() else v) for k, v in checkpoint["model"].items())
+    assert not list(out.glob(".*tmp*"))
     printed = re.findall(r"test accuracy: ([0-9.]+)", result.stdout)
     assert len(printed) == 1  # scored once, by one process
     holdout = subprocess.run([sys.executable, str(ROOT / "test.py"), "--model", out, "--folder", prepared, "--csv",

@@ -9,6 +9,7 @@ import json
 import pickle
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from cli import UserError
-from conftest import PickleBomb, ROOT
+from conftest import PickleBomb, ROOT, run_script
 
 spec = importlib.util.spec_from_file_location("holdout", ROOT / "test.py")  # `import test` would be the stdlib's
 holdout = importlib.util.module_from_spec(spec)
@@ -326,3 +327,139 @@ def test_heatmaps_top_losses_and_the_scoring_report(trained, prepared, tmp_path,
     with pytest.raises(UserError, match="--heatmaps and --top-losses need labels"):
         holdout.main(["--model", str(trained), "--folder", str(prepared / "test"), "--heatmaps", "2",
                       "--out", str(tmp_path / "q.csv")])
+
+
+# classes named like numbers: data.py numbers class folders by sorted name, so folder 10 is id 2 and folder 2 id 3
+NUMERIC = [(i + 1, name) for i, name in enumerate(sorted(["1", "2", "10"]))]
+NUMERIC_TRUE = [2, 0, 2, 1, 2, 2]   # output indices: the folders 2, 1, 2, 10, 2, 2; the model always says folder 2
+
+
+@pytest.fixture
+def numeric_classes(tmp_path):
+    assert NUMERIC == [(1, "1"), (2, "10"), (3, "2")]
+    for i in range(len(NUMERIC_TRUE)):
+        Image.new("RGB", (40, 40), (30 * i, 90, 160)).save(tmp_path / f"{i}.png")
+    labels = pd.DataFrame({"filename": [f"{i}.png" for i in range(len(NUMERIC_TRUE))],
+                           "class_id": [NUMERIC[t][0] for t in NUMERIC_TRUE],
+                           "class_name": [NUMERIC[t][1] for t in NUMERIC_TRUE]})
+    return model_folder(tmp_path / "model", NUMERIC, favourite=2), labels
+
+
+@pytest.mark.parametrize("column, header, extra", [("class_name", "class_name", []), ("class_id", "class_id", []),
+                                                   ("class_name", "label", ["--labels", "name"]),
+                                                   ("class_id", "label", ["--labels", "id"]),
+                                                   ("class_id", None, ["--label-col", 1, "--labels", "id"])])
+def test_class_names_that_look_like_ids_are_read_as_the_column_says(numeric_classes, column, header, extra, tmp_path,
+                                                                    capsys):
+    model, labels = numeric_classes
+    csv = labels[["filename", column]].rename(columns={column: header})
+    csv.to_csv(tmp_path / "h.csv", index=False, header=header is not None)
+    acc, _ = score(capsys, "--model", model, "--folder", tmp_path, "--csv", tmp_path / "h.csv", *extra,
+                   "--out", tmp_path / "p.csv", "--workers", 0)
+    assert acc == round(4 / 6, 4)   # the four images of folder 2 (id 3), by hand
+    preds = pd.read_csv(tmp_path / "p.csv", dtype={"true_name": str})
+    assert preds["true_id"].tolist() == labels["class_id"].tolist()
+    assert preds["true_name"].tolist() == labels["class_name"].tolist()
+
+
+def test_labels_that_read_both_ways_are_refused(numeric_classes, tmp_path, capsys):
+    model, labels = numeric_classes
+    both = labels.assign(label=["2", "1", "2", "2", "1", "2"])[["filename", "label"]]  # folder names, and class ids too
+    both.to_csv(tmp_path / "label.csv", index=False)
+    both.to_csv(tmp_path / "devkit.csv", index=False, header=False)
+    message = r"row 1: label '2' is the class named '2' \(id 3\) or class id 2 \(named '10'\), and {} does not say which: " \
+              r"pass --labels name or --labels id"
+    with pytest.raises(UserError, match=message.format("column 'label'")):
+        holdout.main(["--model", str(model), "--folder", str(tmp_path), "--csv", str(tmp_path / "label.csv"),
+                      "--out", str(tmp_path / "p.csv")])
+    with pytest.raises(UserError, match=message.format("the label column")):
+        holdout.main(["--model", str(model), "--folder", str(tmp_path), "--csv", str(tmp_path / "devkit.csv"),
+                      "--label-col", "1", "--out", str(tmp_path / "p.csv")])
+    classes = [{"id": i, "name": n} for i, n in NUMERIC]
+    with pytest.raises(UserError, match=r"row 2: label '3' is not a class name of this model \(names 1, 10, 2\); "
+                                        r"column 'class_name' is read as class names, --labels id reads class ids"):
+        holdout.match_labels(["2", "3"], classes, "h.csv", column="class_name")
+    assert holdout.match_labels(["2", "3"], classes, "h.csv", column="label").tolist() == [1, 2]   # only ids fit
+    assert holdout.match_labels(["2", "10"], classes, "h.csv", column="label").tolist() == [2, 1]  # only names fit
+
+
+def test_labels_are_read_as_written(tmp_path):
+    (tmp_path / "h.csv").write_text("filename,class_name\na.png,007\nb.png,7\n")
+    df = holdout.read_holdout(tmp_path / "h.csv", tmp_path)
+    assert df["label"].tolist() == ["007", "7"]
+    classes = [{"id": 1, "name": "007"}, {"id": 2, "name": "7"}]
+    assert holdout.match_labels(df["label"], classes, "h.csv", column=df.attrs["label_col"]).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bs", 0], r"^--bs takes 1 or more, got 0$"), (["--workers", -1], r"^--workers takes 0 or more, got -1$"),
+    (["--heatmaps", -3], r"^--heatmaps takes 0 or more, got -3$"),
+    (["--top-losses", -1], r"^--top-losses takes 0 or more, got -1$"),
+    (["--draw-boxes", -2], r"^--draw-boxes takes 0 or more, got -2$")])
+def test_bad_numbers_stop_with_one_line(args, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        holdout.main(["--model", str(tmp_path), "--folder", str(tmp_path), *map(str, args)])
+
+
+def test_out_that_is_a_folder_stops_with_one_line(numeric_classes, tmp_path):
+    model, labels = numeric_classes
+    labels.to_csv(tmp_path / "h.csv", index=False)
+    (tmp_path / "scores").mkdir()
+    result = run_script("test.py", "--model", model, "--folder", tmp_path, "--csv", tmp_path / "h.csv",
+                        "--out", tmp_path / "scores", "--overwrite", "--workers", 0)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --out {tmp_path / 'scores'} is a folder; --out names the predictions CSV file, "
+        f"e.g. {tmp_path / 'scores' / 'predictions.csv'}"]
+    assert list((tmp_path / "scores").iterdir()) == []
+
+
+def test_heatmap_and_top_loss_panels_show_the_rows_their_captions_name(tmp_path, monkeypatch, capsys):
+    """Each image is one solid colour: a panel's pixels say which row it shows, its caption which row it names."""
+    import explain
+    drawn, grid = {}, explain._grid
+
+    def spy(cells, columns, path, title):
+        drawn[Path(path).name] = cells
+        return grid(cells, columns, path, title)
+    monkeypatch.setattr(explain, "_grid", spy)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    colours = {f"{i:02d}.png": (20 * i, 250 - 20 * i, (70 * i) % 256) for i in range(12)}
+    for name, colour in colours.items():
+        Image.new("RGB", (40, 40), colour).save(folder / name)
+    model = model_folder(tmp_path / "model", SPARSE)   # untrained: its predictions differ from colour to colour
+    score(capsys, "--model", model, "--folder", folder, "--out", tmp_path / "first.csv", "--workers", 0)
+    first = pd.read_csv(tmp_path / "first.csv")
+    ids = [i for i, _ in SPARSE]
+    labels = [p if k % 2 else ids[(ids.index(p) + 1) % 4] for k, p in enumerate(first["pred_id"])]  # half of them wrong
+    pd.DataFrame({"filename": first["filename"], "class_id": labels}).to_csv(tmp_path / "h.csv", index=False)
+    score(capsys, "--model", model, "--folder", folder, "--csv", tmp_path / "h.csv", "--heatmaps", 3, "--top-losses", 12,
+          "--out", tmp_path / "p.csv", "--workers", 0)
+    preds = pd.read_csv(tmp_path / "p.csv").set_index("filename")
+
+    def panels(cells):
+        """(file named by the caption, the rest of the caption, the panel's colour) of each image cell."""
+        found = []
+        for image, text, _ in cells:
+            name, rest = text.split("\n", 1)
+            assert np.abs(image - image.mean((0, 1))).max() < 0.01   # one solid colour
+            found.append((name, rest, tuple(np.round(image.mean((0, 1)) * 255).astype(int))))
+        return found
+    heat = panels(drawn["p_heatmaps.png"][0::2])   # image, then its Grad-CAM overlay
+    top = panels(drawn["p_top_losses.png"])
+    for name, rest, colour in heat + top:
+        assert colour == colours[name], name
+        row = preds.loc[name]
+        assert rest.startswith(f"true: {row['true_id']}: {dict(SPARSE)[row['true_id']]}\n"
+                               f"pred: {row['pred_id']}: {dict(SPARSE)[row['pred_id']]}\np = {row['confidence']:.3f}"), name
+    by_confidence = preds.sort_values("confidence", ascending=False, kind="stable")
+    wrong = by_confidence.index[~by_confidence["correct"]][:3].tolist()
+    right = by_confidence.index[by_confidence["correct"]][:3].tolist()
+    assert [name for name, _, _ in heat] == wrong + right
+    assert sorted(name for name, _, _ in top) == sorted(colours)   # all 12 rows, by loss
+    losses = [float(rest.rsplit("loss ", 1)[1]) for _, rest, _ in top]
+    assert losses == sorted(losses, reverse=True)
+    for name, rest, _ in top:
+        if preds.loc[name, "correct"]:   # the true class is the predicted one: loss = -log(confidence)
+            assert float(rest.rsplit("loss ", 1)[1]) == pytest.approx(-np.log(preds.loc[name, "confidence"]), abs=0.006)

@@ -143,3 +143,70 @@ def test_reinit_stage_trains_only_the_last_blocks_and_the_head(prepared):
             assert p.requires_grad and not changed, name
         else:
             assert not changed and p.requires_grad == is_bn, name
+
+
+def one_stage(tmp_path, **keys):
+    """A recipe file of one stage with `keys` written as TOML values (strings as they are, so inf and nan stay bare)."""
+    toml = tmp_path / "bad.toml"
+    toml.write_text('arch = "resnet18"\npretrained = false\n[[stages]]\n' + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+    return toml
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("epochs", "inf", "epochs must be a finite number, got inf"),
+    ("epochs", "nan", "epochs must be a finite number, got nan"),
+    ("size", "1e400", "size must be a finite number, got inf"),
+    ("lr", "nan", "lr must be a finite number, got nan"),
+    ("lr_div", "0", "lr_div must be above 0"),
+    ("mom", "5", "mom must be in [0, 1)"),
+    ("mom", "1", "mom must be in [0, 1)"),
+    ("step_gamma", "7", "step_gamma must be in (0, 1]"),
+    ("step_gamma", "0", "step_gamma must be in (0, 1]"),
+    ("bs", "0", "bs must be at least 1"),
+    ("size", "4", "size must be at least 8"),
+    ("warmup", "3", "unknown key 'warmup'"),
+])
+def test_a_bad_recipe_value_is_one_line_before_any_data_is_read(tmp_path, key, value, says):
+    result = run_script("run.py", "--recipe", one_stage(tmp_path, **{key: value}), "--data", tmp_path / "nowhere",
+                        "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--epochs", "1,-1,1"], "--epochs: epochs must not be negative, got -1"),
+    (["--lr=-1,1"], "--lr: lr must not be negative, got -1.0"),
+    (["--lr", "nan,nan"], "--lr: lr must be a finite number, got nan"),
+    (["--wd", "nan"], "--wd: wd must be a finite number, got nan"),
+    (["--bs", "0,16"], "--bs: bs must be at least 1, got 0"),
+    (["--sizes", "inf,224"], "argument --sizes: expected comma-separated integers, got 'inf,224'"),
+    (["--valid-pct", "1"], "--valid-pct: valid_pct must be in [0, 1), got 1.0"),
+])
+def test_the_command_line_gets_the_checks_a_recipe_file_gets(tmp_path, flags, says):
+    result = run_script("run.py", *flags, "--data", tmp_path / "nowhere", "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    assert says in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_resume_with_another_recipe_file_of_the_same_name_is_refused(trained, tmp_path):
+    same_name = tmp_path / "fastai_resnext50.toml"
+    same_name.write_text(open(recipes.load()[0]).read().replace("wd = 1e-3", "wd = 5e-2"))
+    assert "wd = 5e-2" in same_name.read_text()
+    before = snapshot(trained)
+    result = run_script("run.py", "--out", trained, "--resume", "--recipe", same_name)
+    assert result.returncode == 2 and "--recipe" in result.stderr and "differs from the run's recipe" in result.stderr
+    assert snapshot(trained) == before
+    copy = shutil.copytree(trained, tmp_path / "copy")
+    result = run_script("run.py", "--out", copy, "--resume", "--recipe", copy / "config.json", "--workers", 0)
+    assert result.returncode == 0, result.stderr  # the run's own resolved recipe is the same recipe
+
+
+def test_nothing_to_resume_names_what_is_missing(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"nothing to resume \(no checkpoint\.pth: no epoch has finished yet"):
+        run.main(["--out", str(tmp_path / "run"), "--resume"])
+    with pytest.raises(UserError, match=r"nothing to resume \(no config\.json and no checkpoint\.pth"):
+        run.main(["--out", str(tmp_path / "empty"), "--resume"])

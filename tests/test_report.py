@@ -81,6 +81,29 @@ def test_training_curves_without_validation_and_with_extra_columns(tmp_path):
     assert (tmp_path / "c.png").read_bytes() != before
 
 
+def test_training_curves_legend_names_the_column_each_line_plots(tmp_path, monkeypatch):
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+    saved, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (saved.append(fig), savefig(fig, *a, **k))[1])
+    df = history((3, 4, 2))
+    plots.training_curves(df, tmp_path / "c.png")
+    (fig,) = saved
+    columns = {"train loss": "train_loss", "valid loss": "valid_loss", "valid accuracy": "accuracy",
+               "valid top-5 accuracy": "top5_accuracy"}   # what each legend entry must plot, from history.csv
+    lines = [ln for ax in fig.axes for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    for line in lines:
+        assert np.allclose(line.get_ydata(), df[columns[line.get_label()]].astype(float)), line.get_label()
+        assert list(line.get_xdata()) == list(range(1, len(df) + 1))
+    legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend() and "train loss" in
+                  [t.get_text() for t in ax.get_legend().get_texts()])
+    entries = list(zip([t.get_text() for t in legend.get_texts()], legend.legend_handles))
+    assert sorted(label for label, _ in entries) == sorted(columns)
+    for label, handle in entries:   # the entry's swatch is drawn like the line of that label's column
+        (line,) = [ln for ln in lines if np.allclose(ln.get_ydata(), df[columns[label]].astype(float))]
+        assert (to_rgba(handle.get_color()), handle.get_linestyle()) == (to_rgba(line.get_color()), line.get_linestyle()), label
+
+
 def test_training_curves_bad_history(tmp_path):
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(UserError, match="empty"):

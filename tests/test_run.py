@@ -23,8 +23,14 @@ def test_recipe_writes_every_output(trained):
     meta = json.loads((trained / "model.json").read_text())
     assert meta["arch"] == "resnet18" and meta["image_size"] == 64
     assert [c["id"] for c in meta["classes"]] == list(range(1, N_CLASSES + 1))
-    assert load_file(trained / "model.safetensors")
-    assert torch.load(trained / "checkpoint.pth", weights_only=True)["model"]
+    weights = load_file(trained / "model.safetensors")
+    checkpoint = torch.load(trained / "checkpoint.pth", weights_only=True)
+    assert set(weights) == set(checkpoint["model"]) and len(weights) > 100  # resnet18's tensors, BatchNorm's included
+    for name, tensor in checkpoint["model"].items():  # the saved model is the last epoch's
+        assert torch.equal(weights[name], tensor.float() if tensor.is_floating_point() else tensor), name
+    assert checkpoint["record"]["stage"] == 2 and checkpoint["record"]["epoch"] == 2
+    assert [(r["stage"], r["epoch"]) for r in checkpoint["record"]["history"]] == list(
+        zip(*pd.read_csv(trained / "history.csv")[["stage", "epoch"]].values.T))
 
 
 def test_history_follows_the_recipe(trained):
@@ -134,9 +140,16 @@ def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
     import lr_find
     lr_find.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--stage", "unfrozen",
                   "--size", "32", "--bs", "8", "--num-it", "30", "--workers", "0", "--out", str(tmp_path)])
+    import numpy as np
     suggestions = json.loads((tmp_path / "lr_find_unfrozen.json").read_text())
-    assert set(suggestions) == {"minimum", "steep", "valley", "slide"}
-    assert all(1e-7 <= v <= 10 for v in suggestions.values())
+    assert set(suggestions) == {"minimum", "steep", "valley", "slide", "curve"}
+    lrs, losses = np.array(suggestions["curve"]["lr"]), np.array(suggestions["curve"]["loss"])
+    assert len(lrs) == 30 - 30 // 10 - 5 and (np.diff(lrs) > 0).all()  # the sweep, less what fastai leaves out
+    # fastai's minimum and steep, worked out again from the curve: a tenth of the lr at the lowest loss, and the lr
+    # where the loss falls fastest per decade
+    assert suggestions["minimum"] == pytest.approx(lrs[losses.argmin()] / 10)
+    assert suggestions["steep"] == pytest.approx(lrs[(np.diff(losses) / np.diff(np.log(lrs))).argmin()])
+    assert lrs[0] <= suggestions["valley"] <= lrs[-1] and lrs[0] <= suggestions["slide"] <= lrs[-1]
     assert (tmp_path / "loss_plot_unfrozen.png").stat().st_size > 5000
     assert "valley:" in capsys.readouterr().out
 
