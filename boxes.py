@@ -117,7 +117,7 @@ def mean_iou(preds, target_box, target_cls):
 
 
 def iou50(preds, target_box, target_cls):
-    """Share of images whose predicted box has IoU >= 0.5 with the true box (seeds/001's 'localizer accuracy')."""
+    """Share of images whose predicted box has IoU >= 0.5 with the true box (the Cars classification-and-localization write-up's 'localizer accuracy')."""
     return (iou(in_frame(preds[1]), in_frame(target_box)) >= 0.5).float().mean()
 
 

@@ -255,7 +255,7 @@ def default_workers():
     return min(os.cpu_count() or 1, 16)
 
 
-CROP_PAD = 8  # augment = "flip_crop": px of zero padding around the image before the random crop (seeds/004)
+CROP_PAD = 8  # augment = "flip_crop": px of zero padding around the image before the random crop (the ResNet50-448 write-up)
 
 
 def presize(size, crop_pct=1.0):
@@ -279,11 +279,18 @@ def item_transforms(size, resize="crop", crop_pct=1.0, augment="fastai"):
     """fastai item transforms: resize to size / crop_pct by `resize` (fastai's crop, squash or pad), then, with
     crop_pct < 1 or the flip_crop augmentation, a crop to `size`: random in training, the centre when scoring
     (fastai's RandomCrop). flip_crop pads CROP_PAD px first and flips half the training images."""
-    from fastai.vision.all import CropPad, FlipItem, RandomCrop, Resize
+    from fastai.vision.all import CropPad, FlipItem, RandomCrop, RandomResizedCrop, Resize
     base = presize(size, crop_pct)
     tfms = [Resize(base, method=fastai_resize(resize))]
     if augment == "flip_crop":  # explicit orders: fastai sorts item transforms by order, and CropPad's is 0
         tfms += [CropPad(base + 2 * CROP_PAD, order=2), RandomCrop(size, order=3), FlipItem(0.5)]
+    elif augment == "rrc_flip":  # torchvision's RandomResizedCrop(size) + flip in training; scoring as without it
+        scoring = tfms + ([RandomCrop(size, order=3)] if base != size else [])
+        training = [RandomResizedCrop(size, min_scale=0.08, ratio=(3 / 4, 4 / 3)), FlipItem(0.5)]
+        for split, group in ((1, scoring), (0, training)):  # fastai applies a transform to its split_idx alone
+            for tfm in group:
+                tfm.split_idx = split
+        return scoring + training
     elif base != size:
         tfms.append(RandomCrop(size, order=3))
     return tfms
@@ -332,10 +339,18 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
                           get_y=ColReader("class_id"), splitter=splitter,
                           item_tfms=item_transforms(size, resize, crop_pct, augment),
                           batch_tfms=batch_transforms(augment, stats))
-    if balance:
-        counts = df["class_id"].map(df["class_id"].value_counts())
+    if balance:  # each class drawn equally often: weights from the class counts of the training part alone
+        train_classes = df["class_id"].iloc[list(splitter(df)[0])]
+        counts = df["class_id"].map(train_classes.value_counts()).fillna(1.0)  # a class only in validation: unused
         return block.weighted_dataloaders(df, wgts=(1.0 / counts).to_numpy(), **kwargs)
     return block.dataloaders(df, **kwargs)
+
+
+def dls_args(recipe):
+    """get_dls's keywords from a resolved recipe: `get_dls(table, size, bs, **dls_args(recipe))`."""
+    return {"valid_pct": recipe["valid_pct"], "seed": recipe["seed"], "crop_bbox": recipe["crop_bbox"],
+            "margin": recipe["bbox_margin"], "balance": recipe["balance"], "augment": recipe["augment"],
+            "resize": recipe["resize"], "crop_pct": recipe["crop_pct"], "head": recipe["head"]}
 
 
 def check_localize(crop_bbox=False, resize="crop", crop_pct=1.0, augment="fastai"):
@@ -343,8 +358,8 @@ def check_localize(crop_bbox=False, resize="crop", crop_pct=1.0, augment="fastai
     if crop_bbox:
         raise UserError("--head localize predicts the box on whole images: it cannot train on --crop-bbox crops "
                         "(train the localizer without --crop-bbox, then score a --crop-bbox model with test.py --localizer)")
-    if crop_pct != 1 or augment == "flip_crop":
-        what = f"crop_pct {crop_pct:g}" if crop_pct != 1 else "augment flip_crop"
+    if crop_pct != 1 or augment in ("flip_crop", "rrc_flip"):
+        what = f"crop_pct {crop_pct:g}" if crop_pct != 1 else f"augment {augment}"
         raise UserError(f"--head localize takes resize crop, squash or pad with crop_pct 1 and augment fastai or none, "
                         f"not {what}: its predicted boxes are mapped back to the image through the resize alone")
     fastai_resize(resize)

@@ -2,7 +2,7 @@
 
     concat    fastai's head (concat avg+max pool, BN, dropout, 512, ReLU, BN, dropout, n_out): the default
     linear    fastai's add_head set up as torchvision's: average pool, one linear layer
-    bilinear  symmetric bilinear CNN (B-CNN, seeds/002): 1x1 reduction, outer product averaged over
+    bilinear  symmetric bilinear CNN (B-CNN, as in the FGVC-Aircraft write-up): 1x1 reduction, outer product averaged over
               locations, signed square root, L2 normalization, dropout, linear classifier
     localize  the concat head plus a box head that keeps the feature map's layout (1x1 conv, a box_grid x box_grid
               average pool, flattened, two linear layers); forward returns (class logits, box), the box as

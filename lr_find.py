@@ -45,8 +45,8 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     from fastai.callback.schedule import minimum, slide, steep, valley
     from fastai.torch_core import set_seed
-    from data import check_table_images, get_dls, read_table
-    from models import create_learner, head_args, load_trained
+    from data import check_table_images, dls_args, get_dls, read_table
+    from models import create_learner, learner_args, load_trained
     from train import show_bars, use_device
 
     import recipe as recipes
@@ -66,12 +66,10 @@ def main(argv=None):
     set_seed(recipe["seed"])
     train_df = read_table(data / "train.csv")
     check_table_images(train_df, data / "train.csv")
-    dls = get_dls(train_df, size, bs, recipe["valid_pct"], recipe["seed"], recipe["crop_bbox"], balance=recipe["balance"],
-                  augment=recipe["augment"], resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers,
-                  head=recipe["head"])
+    dls = get_dls(train_df, size, bs, **dls_args(recipe), workers=args.workers)
     arch = recipe["arch"]
-    learn = create_learner(dls, arch, pretrained=recipe["pretrained"] and args.model is None, weights=args.weights,
-                           wd=stage["wd"], loss=recipe["loss"], opt=stage["opt"], mom=stage["mom"], **head_args(recipe))
+    learn = create_learner(dls, weights=args.weights, **{**learner_args(recipe, stage),
+                                                         "pretrained": recipe["pretrained"] and args.model is None})
     if args.model:
         trained, meta = load_trained(args.model)
         if len(meta["classes"]) != dls.c:

@@ -110,7 +110,7 @@ def body_blocks(model):
 
 
 def reinit_last_blocks(model, n):
-    """Re-initialize the backbone's last `n` blocks (seeds/002's later phases); returns their parameters."""
+    """Re-initialize the backbone's last `n` blocks (the FGVC-Aircraft write-up's later phases); returns their parameters."""
     blocks = body_blocks(model)
     if not 1 <= n <= len(blocks):
         raise UserError(f"blocks = {n}: this backbone has {len(blocks)} blocks to re-initialize")
@@ -174,14 +174,22 @@ def make_loss(name):
     return getattr(losses, LOSSES[name])(**kwargs)
 
 
-def make_opt(name="adam", mom=0.9):
-    """fastai's optimizers: `adam` is AdamW (decoupled weight decay, beta2 0.99); `sgd` is SGD with momentum and
-    L2 weight decay, as torch.optim.SGD and the write-ups that use it (seeds/003, 004)."""
+def make_opt(name="adam", mom=0.9, sqr_mom=0.99, eps=1e-5):
+    """fastai's optimizers: `adam` is AdamW (decoupled weight decay; beta1 `mom`, beta2 `sqr_mom`, `eps`); `sgd` is SGD
+    with momentum and L2 weight decay, as torch.optim.SGD and the write-ups that use it."""
     from functools import partial
     from fastai.optimizer import SGD, Adam
     if name == "sgd":
         return partial(SGD, mom=mom, decouple_wd=False)
-    return partial(Adam, mom=mom, sqr_mom=0.99)
+    return partial(Adam, mom=mom, sqr_mom=sqr_mom, eps=eps)
+
+
+def learner_args(recipe, stage, boxes=True):
+    """create_learner's keywords from a resolved recipe and the stage it starts with:
+    `create_learner(dls, **learner_args(recipe, stage))`; `boxes=False` as for head_args."""
+    return {"arch": recipe["arch"], "pretrained": recipe["pretrained"], "loss": recipe["loss"], "wd": stage["wd"],
+            "opt": stage["opt"], "mom": stage["mom"], "sqr_mom": stage["sqr_mom"], "eps": stage["eps"],
+            "wd_bn_bias": recipe["wd_bn_bias"], "train_bn": recipe["train_bn"], **head_args(recipe, boxes)}
 
 
 def is_localize_dls(dls):
@@ -190,9 +198,12 @@ def is_localize_dls(dls):
 
 
 def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path=".",
-                   head="concat", opt="adam", mom=0.9, head_options=None, box_loss="smoothl1", box_lambda=1.0):
+                   head="concat", opt="adam", mom=0.9, head_options=None, box_loss="smoothl1", box_lambda=1.0,
+                   sqr_mom=0.99, eps=1e-5, wd_bn_bias=False, train_bn=True):
     """A fastai Learner: the backbone and head, the loss, the optimizer (AdamW by default; one-cycle cycles its beta1),
-    BatchNorm trained even when frozen, and the body frozen when it starts from ImageNet weights.
+    BatchNorm trained even when frozen (unless `train_bn=False`: then a frozen BatchNorm keeps its weights and, through
+    fastai's BnFreeze, its running statistics), weight decay on BatchNorm and biases only with `wd_bn_bias`, and the
+    body frozen when it starts from ImageNet weights.
 
     head "localize" needs DataLoaders from data.get_dls(..., head="localize"); its loss is the class loss plus
     box_lambda x the box loss (boxes.LocalizeLoss), and it logs accuracy, top-5, mean_iou and iou50 every epoch."""
@@ -209,8 +220,10 @@ def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, l
         loss_func, metrics = LocalizeLoss(make_loss(loss), box_loss, box_lambda), localize_metrics(top5_accuracy)
     else:
         loss_func, metrics = make_loss(loss), [accuracy, top5_accuracy]
-    learn = Learner(dls, model, loss_func=loss_func, opt_func=make_opt(opt, mom), wd=wd, train_bn=True, path=path,
-                    splitter=splitter_for(arch), metrics=metrics)
+    from fastai.callback.training import BnFreeze
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=make_opt(opt, mom, sqr_mom, eps), wd=wd, path=path,
+                    wd_bn_bias=wd_bn_bias, train_bn=train_bn, splitter=splitter_for(arch), metrics=metrics,
+                    cbs=[] if train_bn else [BnFreeze()])
     if pretrained or weights is not None:
         learn.freeze()
     return learn

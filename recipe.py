@@ -21,13 +21,20 @@ RUN_DEFAULTS = {
     "bilinear_dim": 512,       # head bilinear: channels of the 1x1 reduction before the outer product (0: none)
     "box_loss": "smoothl1",    # head localize: smoothl1 or giou, on boxes in the input frame (-1..1)
     "box_lambda": 1.0,         # head localize: loss = class loss + box_lambda x box loss
+    "bbox_margin": 0.16,       # crop_bbox: each box grown by this share of its size on every side (0: the tight box)
+    "wd_bn_bias": False,       # weight decay on BatchNorm and bias tensors too (fastai v2 exempts them; torch and fastai v1 do not)
+    "train_bn": True,          # BatchNorm trains (weights and running statistics) inside a frozen body
+    "lr_rule": "none",         # linear: each stage trains at lr x bs / 256 (the recipe's lr is the rate for 256 images)
 }
 STAGE_DEFAULTS = {
     "name": None, "epochs": 1, "size": 224, "bs": 32, "lr": 1e-3, "lr_div": 1.0, "opt": "adam", "mom": 0.9,
     "wd": 0.0, "schedule": "one_cycle", "step_every": 1, "step_gamma": 0.1, "train": "all", "blocks": 0, "patience": 0,
+    "pct_start": 0.25, "div": 25.0, "div_final": 1e5,   # one_cycle's shape (fastai): peak at pct_start, from lr/div to lr/div_final
+    "sqr_mom": 0.99, "eps": 1e-5,                      # adam: beta2 and eps (fastai's defaults; torch's are 0.999 and 1e-8)
 }
 CHOICES = {
-    "loss": ("ce", "smooth", "focal"), "resize": ("crop", "squash", "pad"), "augment": ("fastai", "flip_crop", "none"),
+    "loss": ("ce", "smooth", "focal"), "resize": ("crop", "squash", "pad"),
+    "augment": ("fastai", "flip_crop", "rrc_flip", "none"), "lr_rule": ("none", "linear"),
     "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
     "train": ("frozen", "all", "reinit"), "box_loss": ("smoothl1", "giou"),
 }
@@ -35,12 +42,15 @@ CHOICES = {
 RANGES = {"mom": (0, 1, "in [0, 1) (0: no momentum)"), "step_gamma": (0, 1, "in (0, 1] (the factor each drop multiplies by)"),
           "lr_div": (0, None, "above 0 (earlier groups get lr / lr_div)"), "bs": (1, None, "at least 1"),
           "size": (8, None, "at least 8 (pixels)"), "valid_pct": (0, 1, "in [0, 1)"),
-          "crop_pct": (0.1, 1, "in [0.1, 1] (the share of the resized image the crop keeps)")}
-OPEN_BELOW = {"step_gamma", "lr_div"}
-OPEN_ABOVE = {"mom", "valid_pct"}
+          "crop_pct": (0.1, 1, "in [0.1, 1] (the share of the resized image the crop keeps)"),
+          "pct_start": (0, 1, "in (0, 1) (the share of the stage before the peak)"), "div": (0, None, "above 0"),
+          "div_final": (0, None, "above 0"), "sqr_mom": (0, 1, "in [0, 1)"), "eps": (0, None, "above 0"),
+          "bbox_margin": (0, 1, "in [0, 1] (the share of the box added on each side)")}
+OPEN_BELOW = {"step_gamma", "lr_div", "pct_start", "div", "div_final", "eps"}
+OPEN_ABOVE = {"mom", "valid_pct", "pct_start", "sqr_mom"}
 LIST_FLAGS = {"epochs": "epochs", "sizes": "size", "bs": "bs", "lr": "lr"}   # flag -> stage key
 RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance", "bilinear_dim", "box_loss",
-             "box_lambda")
+             "box_lambda", "bbox_margin", "wd_bn_bias", "train_bn", "lr_rule")
 
 
 def available():
@@ -209,6 +219,11 @@ def check(recipe, where):
     return recipe
 
 
+def trained_lr(stage, lr_rule="none"):
+    """The head's peak learning rate a stage really trains at: its lr, scaled by bs / 256 under lr_rule "linear"."""
+    return stage["lr"] * stage["bs"] / 256 if lr_rule == "linear" else stage["lr"]
+
+
 def final_size(recipe):
     """The image size the finished model was last trained at: scoring and test.py use it."""
     return [s for s in recipe["stages"] if s["epochs"] > 0][-1]["size"]
@@ -235,12 +250,18 @@ def describe(recipe):
     lines = [f"recipe {recipe['name']}"]
     width = max(map(len, RUN_DEFAULTS))
     lines += [f"  {k:<{width}} {recipe[k]}" for k in RUN_DEFAULTS]
-    cols = ["name", "epochs", "size", "bs", "lr", "lr_div", "opt", "mom", "wd", "schedule", "train", "blocks", "patience"]
+    cols = ["name", "epochs", "size", "bs", "lr", "trained_lr", "lr_div", "opt", "mom", "wd", "schedule", "train", "blocks",
+            "patience"]
     rows = [[str(c) for c in cols]]
     for s in recipe["stages"]:
-        cells = [f"{s[c]:g}" if isinstance(s[c], float) else str(s[c]) for c in cols]
+        shown = {**s, "trained_lr": trained_lr(s, recipe["lr_rule"])}
+        cells = [f"{shown[c]:g}" if isinstance(shown[c], float) else str(shown[c]) for c in cols]
         if s["schedule"] == "step":
             cells[cols.index("schedule")] = f"step/{s['step_every']}x{s['step_gamma']:g}"
+        if s["schedule"] == "one_cycle":
+            cells[cols.index("schedule")] = f"one_cycle(pct_start {s['pct_start']:g}, div {s['div']:g}, div_final {s['div_final']:g})"
+        if s["opt"] == "adam":
+            cells[cols.index("opt")] = f"adam(sqr_mom {s['sqr_mom']:g}, eps {s['eps']:g})"
         rows.append(cells)
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines.append("stages:" + ("  (stages with 0 epochs are skipped)" if any(s["epochs"] == 0 for s in recipe["stages"]) else ""))

@@ -1,5 +1,5 @@
 """Train a recipe end to end, then score the test set once. The default is the published Stanford Cars
-recipe (seeds/000, recipes/fastai_resnext50.toml):
+recipe (the fastai ResNeXt50 write-up, recipes/fastai_resnext50.toml):
 
   model   ImageNet-pretrained ResNeXt50-32x4d, fastai's concat-pool head, 3 parameter groups
   optim   AdamW (beta2 0.99; beta1 cycled 0.95-0.85-0.95 by one-cycle), weight decay 1e-3, one-cycle per stage
@@ -53,7 +53,7 @@ def parse_args(argv=None):
                    help="log every epoch's metrics, the learning rates and the recipe, offline, under --out "
                         "(optional packages: make trackers)")
     p.add_argument("--sanity", action="store_true",
-                   help="only check the data and model first (seeds/001): the untrained loss is about ln(classes), and "
+                   help="only check the data and model first (as the Cars localization write-up does): the untrained loss is about ln(classes), and "
                         "the model overfits 20 images of 2 classes; exit status 1 when a check fails")
     p.add_argument("--sync-bn", action="store_true",
                    help="data-parallel on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
@@ -166,31 +166,30 @@ def score(learn, test_df):
 
 def model_meta(recipe, learn, train_df):
     """model.json: what test.py and models.load_trained need to rebuild and feed the model, without unpickling."""
-    from data import BOX_MARGIN, IMAGENET_STATS, class_names
+    from data import IMAGENET_STATS, class_names
     from models import head_options
     names = class_names(train_df)
     meta = {"arch": recipe["arch"], "head": recipe["head"], "head_options": head_options(recipe), "recipe": recipe["name"],
             "classes": [{"id": int(c), "name": names[int(c)]} for c in learn.dls.vocab],
             "image_size": recipes.final_size(recipe), "resize": recipe["resize"], "crop_pct": recipe["crop_pct"],
             "normalize": {"mean": IMAGENET_STATS[0], "std": IMAGENET_STATS[1]},
-            "crop_bbox": recipe["crop_bbox"], "bbox_margin": BOX_MARGIN}
+            "crop_bbox": recipe["crop_bbox"], "bbox_margin": recipe["bbox_margin"]}
     if recipe["head"] == "localize":
         meta.update(box_loss=recipe["box_loss"], box_lambda=recipe["box_lambda"])
     return meta
 
 
 def sanity_checks(args, recipe, train_df, first):
-    """run.py --sanity: seeds/001's checks on this data and model, printed with their numbers; exit 1 on a failure."""
+    """run.py --sanity: the Cars localization write-up's checks on this data and model, printed with their numbers; exit 1 on a failure."""
     import sanity
-    from data import get_dls
-    from models import create_learner, head_args
+    from data import dls_args, get_dls
+    from models import create_learner, learner_args
     from train import show_bars
 
-    def make_learner(df, size, bs):
-        dls = get_dls(df, size, bs, 0.0, recipe["seed"], recipe["crop_bbox"], augment=recipe["augment"],
-                      resize=recipe["resize"], crop_pct=recipe["crop_pct"], workers=args.workers)
-        learn = create_learner(dls, recipe["arch"], pretrained=recipe["pretrained"], weights=args.weights,
-                               loss=recipe["loss"], opt=first.opt, mom=first.mom, **head_args(recipe, boxes=False))
+    def make_learner(df, size, bs):  # every row trains, each as often: no validation split, no balancing, no boxes
+        dls = get_dls(df, size, bs, **{**dls_args(recipe), "valid_pct": 0.0, "balance": False, "head": "concat"},
+                      workers=args.workers)
+        learn = create_learner(dls, weights=args.weights, **learner_args(recipe, vars(first), boxes=False))
         show_bars(learn, sys.stdout.isatty())
         return learn
     results = sanity.run_checks(make_learner, train_df, size=first.size, bs=min(first.bs, 10), lr=first.lr,
@@ -248,33 +247,30 @@ def train_and_score(args, argv, recipe, data, out, config, world, held):
     score the test set once and write the model and metrics."""
     import distributed
     from fastai.torch_core import set_seed
-    from data import check_table_images, default_workers, get_dls, read_table
-    from models import create_learner, head_args, save_trained
+    from data import check_table_images, default_workers, dls_args, get_dls, read_table
+    from models import create_learner, learner_args, save_trained
     from train import Stage, run_stages, use_device
 
     refuse_existing_run(out, args.resume)
     train_df, test_df = read_table(data / "train.csv"), read_table(data / "test.csv")
     check_table_images(train_df, data / "train.csv")
     check_table_images(test_df, data / "test.csv")
-    stages = [Stage(**s) for s in recipe["stages"]]
+    stages = [Stage(**s, lr_rule=recipe["lr_rule"]) for s in recipe["stages"]]
     for stage in stages:  # the batch size is the global batch: refuse one that does not share out before training
         distributed.per_process_bs(stage.bs, world)
     set_seed(recipe["seed"])  # the same on every process: the same validation split everywhere
     workers = args.workers if args.workers is not None else max(1, default_workers() // distributed.local_world_size())
 
     def make_dls(size, bs):
-        dls = get_dls(train_df, size, distributed.per_process_bs(bs, world), recipe["valid_pct"], recipe["seed"],
-                      recipe["crop_bbox"], balance=recipe["balance"], augment=recipe["augment"], resize=recipe["resize"],
-                      crop_pct=recipe["crop_pct"], workers=workers, head=recipe["head"])
+        dls = get_dls(train_df, size, distributed.per_process_bs(bs, world), **dls_args(recipe), workers=workers)
         distributed.seed_per_rank(recipe["seed"])  # each process its own augmentations
         return dls
 
     first = next(s for s in stages if s.epochs)
     if args.sanity:
         return sanity_checks(args, recipe, train_df, first)
-    learn = create_learner(make_dls(first.size, first.bs), recipe["arch"], pretrained=recipe["pretrained"],
-                           weights=args.weights, loss=recipe["loss"], path=out, opt=first.opt, mom=first.mom,
-                           **head_args(recipe))
+    learn = create_learner(make_dls(first.size, first.bs), weights=args.weights, path=out,
+                           **learner_args(recipe, vars(first)))
     device = use_device(learn)
     if world > 1:
         device = f"{world} processes (data-parallel), each on {device}"

@@ -50,6 +50,22 @@ class Stage:
     train: str = "all"      # frozen | all | reinit
     blocks: int = 0
     patience: int = 0
+    pct_start: float = 0.25  # one_cycle's shape: the peak's place, the start at lr / div, the end at lr / div_final
+    div: float = 25.0
+    div_final: float = 1e5
+    sqr_mom: float = 0.99    # adam's beta2 and eps
+    eps: float = 1e-5
+    lr_rule: str = "none"    # a run-wide setting: "linear" trains at lr x bs / 256
+
+    @property
+    def peak_lr(self):
+        """The head's peak learning rate this stage trains at (recipe.trained_lr)."""
+        return self.lr * self.bs / 256 if self.lr_rule == "linear" else self.lr
+
+    @property
+    def optimizer(self):
+        """What makes this stage's optimizer: a stage naming another one starts a new optimizer, without state."""
+        return (self.opt, self.mom, self.sqr_mom, self.eps)
 
 
 def group_lrs(lr, n_groups=3, div=3.0):
@@ -145,7 +161,7 @@ class EpochRecord(Callback):
             return
         rec = self.learn.recorder
         values = dict(zip(rec.metric_names, rec.log))
-        lrs = group_lrs(self.stage.lr, len(self.opt.param_lists), self.stage.lr_div)
+        lrs = group_lrs(self.stage.peak_lr, len(self.opt.param_lists), self.stage.lr_div)
         self._check_finite(values, lrs)
         if not distributed.is_main():  # every process checks its loss; one writes
             return
@@ -307,10 +323,11 @@ def step_decay(lrs, n_epoch, every, gamma):
 def fit_stage(learn, stage, first_epoch, cbs):
     """One stage's fit under its schedule, through fastai's fit methods and ParamScheduler."""
     from fastai.callback.schedule import ParamScheduler, SchedCos
-    lrs = group_lrs(stage.lr, n_groups(learn), stage.lr_div)
+    lrs = group_lrs(stage.peak_lr, n_groups(learn), stage.lr_div)
     kw = dict(wd=stage.wd, start_epoch=first_epoch)
     if stage.schedule == "one_cycle":
-        learn.fit_one_cycle(stage.epochs, lrs, cbs=cbs, **kw)
+        learn.fit_one_cycle(stage.epochs, lrs, cbs=cbs, pct_start=stage.pct_start, div=stage.div,
+                            div_final=stage.div_final, **kw)
     elif stage.schedule == "flat_cos":
         learn.fit_flat_cos(stage.epochs, lrs, cbs=cbs, **kw)
     elif stage.schedule == "flat":
@@ -387,8 +404,8 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
         record = state.get("record") or {**progress, "history": _read_history(out)}
         saved_rng = state.get("rng")
         saved = stages[record["stage"]]  # the optimizer of the stage that wrote it
-        learn.opt_func, learn.opt = make_opt(saved.opt, saved.mom), None
-        optimizer = (saved.opt, saved.mom)
+        learn.opt_func, learn.opt = make_opt(*saved.optimizer), None
+        optimizer = saved.optimizer
         restore_checkpoint(learn, out, state)
         if progress.get("stage_done") == [record["stage"], record["epoch"]]:  # early stopping ended that stage
             record["stage_done"] = progress["stage_done"]
@@ -397,10 +414,10 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
     todo = plan(stages, _done(record, stages))
     seconds = {}
     for n, (i, stage, first_epoch) in enumerate(todo):
-        if (stage.opt, stage.mom) != optimizer:  # a new optimizer starts with no state; the same one keeps its state
-            learn.opt_func, learn.opt = make_opt(stage.opt, stage.mom), None
+        if stage.optimizer != optimizer:  # a new optimizer starts with no state; the same one keeps its state
+            learn.opt_func, learn.opt = make_opt(*stage.optimizer), None
             learn.create_opt()
-            optimizer = (stage.opt, stage.mom)
+            optimizer = stage.optimizer
         if (stage.size, stage.bs) != current:
             learn.dls = make_dls(stage.size, stage.bs)
             current = (stage.size, stage.bs)

@@ -16,7 +16,7 @@ images/s (timed after `--warmup` batches) and peak memory:
             once (images shrunk to --resize-px; 320 for the recipe's 299)
   ceiling_compiled  (only when named in --modes) the ceiling under torch.compile, to see whether
             compiling would pay before the training path uses it
-  plain     a plain PyTorch loop as in seeds/003-004: torchvision transforms on PIL images,
+  plain     a plain PyTorch loop as the ResNets and ResNet50-448 write-ups train: torchvision transforms on PIL images,
             DataLoader workers, fp32, NCHW, SGD
 and the same for scoring (test.py's path against a plain eval loop). Ratios: project/plain,
 project/ceiling."""

@@ -3,7 +3,7 @@
 Each image is a toy car on a noisy background: body colour, size and position are random; the
 class is told only by small details (roof shape and window tint, wheel colour, a side stripe), so the set is
 fine-grained but learnable. Files are real: JPEGs of varied sizes (some grayscale), `.mat`
-annotations written with scipy.io.savemat, in each layout of REFERENCE.md §3.
+annotations written with scipy.io.savemat, in each layout the data section of README.md lists.
 
     python tests/synth.py --out DIR [--layout original|kaggle|all_in_one|class_folders] [--classes 6]"""
 import argparse

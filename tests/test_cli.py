@@ -89,3 +89,18 @@ def test_each_error_has_its_exit_status(capsys):
         assert line.startswith("error: ") and "\n" not in line
     with pytest.raises(OSError):  # any other OSError is not ours to hide
         cli.run(fails(OSError(errno.EACCES, "Permission denied")))
+
+
+def test_no_tracked_file_points_outside_the_repository():
+    """A user who clones the project has only the project: docs and comments cite public sources, never a path
+    outside it (the team's notes, the write-ups' copies)."""
+    import re
+    root = Path(cli.__file__).resolve().parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    outside = re.compile(r"\.\./shared|\bseeds/\d|REFERENCE\.md")
+    found = [f"{name}:{n}" for name in tracked if name.endswith((".md", ".py", ".toml", ".csv", ".txt", ".ini"))
+             and (root / name).is_file() and name != "tests/test_cli.py"
+             for n, line in enumerate((root / name).read_text(errors="replace").splitlines(), 1) if outside.search(line)]
+    assert not found

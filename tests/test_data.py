@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from cli import UserError
 from conftest import run_script, save_stored_as, upright_photo
@@ -159,3 +159,24 @@ def test_draft_decoding_of_a_sideways_photo_keeps_the_region(tmp_path):
     assert min(crop.size) >= 100  # enough pixels for size 100 (a draft asked in the stored frame gives 50)
     expected = upright.crop((0, 50, 800, 150)).resize(crop.size, Image.Resampling.BOX)
     assert np.abs(np.asarray(crop, dtype=float) - np.asarray(expected, dtype=float)).mean() < 3
+
+
+def test_rrc_flip_scores_as_torchvisions_resize_and_centre_crop_and_trains_on_random_crops(tmp_path):
+    """augment rrc_flip (resnets_sgd): scoring is torchvision's Resize(size / crop_pct) + CenterCrop(size), worked out
+    here by torchvision itself; training draws a new random resized crop of the whole image each time."""
+    from torchvision import transforms
+    photo = Image.fromarray(np.asarray(upright_photo(240, 160).resize((240, 160), Image.Resampling.BILINEAR)))
+    photo = photo.filter(ImageFilter.GaussianBlur(6))  # smooth, so that two resamplings agree
+    photo.save(tmp_path / "a.png")
+    photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "b.png")
+    (tmp_path / "train.csv").write_text("filename,class_id\na.png,1\nb.png,2\n")
+    table = read_table(tmp_path / "train.csv")
+    dls = get_dls(table, size=56, bs=2, augment="rrc_flip", crop_pct=0.875, workers=0, draft=False)
+    expected = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(56)])(photo)
+    scored = dls.test_dl(table.head(1)).one_batch()[0][0]
+    scored = dls.after_batch.decode((scored[None],))[0][0].permute(1, 2, 0).numpy().astype(float)
+    assert scored.shape == (56, 56, 3)
+    assert np.abs(scored - np.asarray(expected, dtype=float)).mean() < 3  # grey levels of 255
+    torch.manual_seed(0)
+    first, second = (dls.train.one_batch()[0] for _ in range(2))
+    assert first.shape == (2, 3, 56, 56) and not torch.allclose(first, second)
