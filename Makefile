@@ -6,6 +6,7 @@ DATASET     ?= cars
 DATA_DIR    ?= data
 SOURCE      ?=
 RESIZE      ?=
+SKIP_BAD    ?=
 DEMO_DIR    ?= demo
 DATASET_DIR_cars     := stanford_cars
 DATASET_DIR_aircraft := fgvc_aircraft
@@ -30,9 +31,10 @@ $(VENV)/.trackers: requirements-trackers.txt $(VENV)/.installed
 	touch $@
 
 # Download (or, with SOURCE=path, import) the dataset into $(DATA_DIR)/<dataset>/{train,test}.csv;
-# with RESIZE=320 also a copy shrunk once for fast GPU training, which `make reproduce RESIZE=320` trains on
+# with RESIZE=320 also a copy shrunk once for fast GPU training, which `make reproduce RESIZE=320` trains on;
+# with SKIP_BAD=1 unreadable images are left out (each named) instead of stopping
 data: install
-	$(PY) data.py --dataset $(DATASET) --root $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE)) $(if $(RESIZE),--resize $(RESIZE))
+	$(PY) data.py --dataset $(DATASET) --root $(DATA_DIR) $(if $(SOURCE),--source $(SOURCE)) $(if $(RESIZE),--resize $(RESIZE)) $(if $(filter 1,$(SKIP_BAD)),--skip-bad)
 
 # The published recipe: ResNeXt50, 20 frozen + 40 unfrozen epochs at 224 px, 40 at 299 px, then the test set
 reproduce: data

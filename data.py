@@ -4,12 +4,14 @@
     python data.py --dataset cars --root data --source DIR     # files you already have, any layout
     python data.py --dataset cars --root data --resize 320     # also a copy shrunk for fast training
     python data.py --dataset folders --source DIR --name NAME [--test-pct 0.2]   # your own class folders
+    python data.py ... --skip-bad                              # leave unreadable images out, each named
 
 The CSVs have the columns `filename` (relative to the CSV's folder), `bbox_x1..bbox_y2`
 (1-based, empty when the layout has no boxes; in pixels of the image as viewers show it, its EXIF
 orientation applied), `class_id` and `class_name`. Every image is read through `load_image`."""
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -27,13 +29,14 @@ BOX_MARGIN = 0.16  # --crop-bbox grows each box by this fraction of its size on 
 
 # ---------------------------------------------------------------- preparation
 
-def prepare(dataset, root, sources=(), remotes=None, workers=None, name=None, test_pct=None, seed=42):
+def prepare(dataset, root, sources=(), remotes=None, workers=None, name=None, test_pct=None, seed=42, skip_bad=False):
     """Write `<root>/<dataset dir>/train.csv` and `test.csv`; return that folder.
 
     `sources`: folders or archives the user has; none means download. `remotes` overrides
     the dataset's download sources ({name: [Remote, ...]}), for mirrors and tests. For `folders`
     (a user's own class folders): `name` is the dataset folder's name, and `test_pct` splits one
-    folder of class folders into train and test, stratified by class, fixed by `seed`."""
+    folder of class folders into train and test, stratified by class, fixed by `seed`. Unreadable images stop it,
+    all named in one error; with `skip_bad` they are left out of the tables, each named."""
     from prepare import DATASETS
     from prepare.fetch import DownloadError, extract, fetch_source, is_archive
     from prepare.tables import split_notes, tables_exist, write_tables
@@ -77,11 +80,15 @@ def prepare(dataset, root, sources=(), remotes=None, workers=None, name=None, te
         else:
             raise UserError("could not download the dataset; tried:\n" + "\n".join(failures) + "\n" + module.HOW_TO_GET)
     records = module.find_records(roots, test_pct, seed) if dataset == "folders" else module.find_records(roots)
-    counts = write_tables(records, dest, workers)
+    kept = write_tables(records, dest, workers, skip_bad)
+    counts = Counter(r.split for r in kept)
     print(f"{dest}: {counts['train']} train and {counts['test']} test images, "
-          f"{len({r.class_id for r in records})} classes")
-    for note in split_notes(records):
+          f"{len({r.class_id for r in kept})} classes")
+    for note in split_notes(kept):
         print(note)
+    if len(kept) < len(records):
+        skipped = len(records) - len(kept)
+        print(f"skipped {skipped} unreadable image{'s' if skipped > 1 else ''} (listed above)")
     return dest
 
 
@@ -142,12 +149,13 @@ def _check_cells(df, path):
 
 
 def check_table_images(df, name):
-    """Stop with the row and file of the first image in `df` that is missing or does not decode."""
-    from prepare.tables import image_problems
+    """Stop, naming the row and file of every image in `df` that is missing or does not decode."""
+    from prepare.tables import image_problems, problems_error
     paths = [Path(df.attrs["folder"]) / f for f in df["filename"]]
-    for row, (path, problem) in enumerate(zip(paths, image_problems(paths)), 1):
-        if problem:
-            raise UserError(f"{name}, row {row}: {path}: {problem}")
+    bad = [f"{name}, row {row}: {path}: {problem}"
+           for row, (path, problem) in enumerate(zip(paths, image_problems(paths)), 1) if problem]
+    if bad:
+        raise problems_error(bad, "fix {them}, or remove {their} row{s} from {table}", table=name)
 
 
 def class_names(df):
@@ -419,12 +427,15 @@ def main(argv=None):
                         "(the whole image without boxes) is PX on its shorter side; train on it with --data for speed "
                         "(320 suits the recipe's 299 px)")
     p.add_argument("--workers", type=int, default=None, help="processes used to check and resize the images")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable images (missing, empty, truncated, not an image) out of the tables, each named, "
+                        "instead of stopping")
     args = p.parse_args(argv)
     from prepare.resize import check_side, resize_copy
     if args.resize is not None:
         check_side(args.resize)  # before a long download, not after
     dest = prepare(args.dataset, args.root, args.source, workers=args.workers, name=args.name, test_pct=args.test_pct,
-                   seed=args.seed)
+                   seed=args.seed, skip_bad=args.skip_bad)
     if args.resize is not None:
         dest = resize_copy(dest, args.resize, args.workers)
         print(f"train on it with: python run.py --data {dest}")

@@ -58,6 +58,8 @@ def check_image(path):
     upright, 16-bit scaled, JPEGs at a reduced DCT scale so this is quick), else a one-line reason."""
     from data import load_image
     try:
+        if os.path.getsize(path) == 0:
+            return "file is empty (0 bytes)"
         im, _ = load_image(path, draft=lambda width, height: (64, 64))
         im.convert("RGB")
         im.close()
@@ -81,6 +83,20 @@ def image_problems(paths, workers=None, label=None):
         else:
             results = map(check_image, paths)
         return list(track(results, len(paths), label) if label else results)
+
+
+SHOWN = 20  # an error lists this many unreadable images, then counts the rest
+
+
+def problems_error(lines, advice, **values):
+    """One UserError for all unreadable images at once (scraped data can hold many, and one rerun per file is
+    tedious): each `path: why` line up to SHOWN, then a final line with the count and `advice`, a format string
+    of `values` whose {them}, {their} and {s} fit the count."""
+    one = len(lines) == 1
+    more = [f"... and {len(lines) - SHOWN} more"] if len(lines) > SHOWN else []
+    advice = advice.format(them="it" if one else "them", their="its" if one else "their", s="" if one else "s", **values)
+    count = f"{len(lines)} image{'' if one else 's'} cannot be read"
+    return UserError("\n".join([*lines[:SHOWN], *more, f"{count}: {advice}"]))
 
 
 def _place(record, dest):
@@ -110,16 +126,25 @@ def _place(record, dest):
     return target.relative_to(dest).as_posix()
 
 
-def write_tables(records, dest, workers=None):
-    """Check every image, place it under `dest`, and write train.csv and test.csv atomically."""
+def write_tables(records, dest, workers=None, skip_bad=False):
+    """Check every image, place it under `dest`, and write train.csv and test.csv atomically; return the
+    records written. Unreadable images stop it, all named in one error, or with `skip_bad` are left out,
+    each named on its own line."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         if not any(r.split == split for r in records):
             raise UserError(f"no {split} images were found in the source")
-    for record, problem in zip(records, image_problems([r.source for r in records], workers, "checking images")):
-        if problem:
-            raise UserError(f"{record.source}: {problem}")
+    problems = image_problems([r.source for r in records], workers, "checking images")
+    bad = [f"{r.source}: {problem}" for r, problem in zip(records, problems) if problem]
+    if bad and not skip_bad:
+        raise problems_error(bad, "fix or remove {them}, or pass --skip-bad to leave {them} out")
+    for line in bad:
+        print(f"skipped: {line}")
+    records = [r for r, problem in zip(records, problems) if not problem]
+    for split in SPLITS:
+        if not any(r.split == split for r in records):
+            raise UserError(f"no readable {split} images are left ({len(bad)} skipped)")
     rows = {split: [] for split in SPLITS}
     writes = any(r.crop_bottom for r in records)  # Aircraft: every image is cropped and written, which takes a while
     for r in track(records, len(records), "writing images") if writes else records:
@@ -130,7 +155,7 @@ def write_tables(records, dest, workers=None):
             writer = csv.writer(f)
             writer.writerow(COLUMNS)
             writer.writerows(rows[split])
-    return {split: len(rows[split]) for split in SPLITS}
+    return records
 
 
 def split_notes(records):
