@@ -13,6 +13,7 @@ Every flag below overrides its part of the recipe. The test set is scored once a
 in order, no augmentation; nothing is ever chosen on it."""
 import contextlib
 import hashlib
+import itertools
 import json
 import sys
 import time
@@ -45,8 +46,8 @@ def parse_args(argv=None):
                         "(default recipe: 1e-2,3e-3, frozen then unfrozen); earlier groups get it / lr_div")
     p.add_argument("--wd", type=float, default=None, help="weight decay of every stage (default: from the recipe)")
     cli.add_common_training(p)
-    p.add_argument("--out", default=None, help="folder for the model, checkpoints, history and metrics "
-                                               "(default: runs/<recipe name>)")
+    p.add_argument("--out", default=None, help="folder for the model, checkpoints, history and metrics (default: "
+                                               "runs/<recipe>-<arch>-<dataset>, numbered -2, -3, ... when taken)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last completed epoch, with the run's recipe and data")
     p.add_argument("--tracker", choices=["none", "tensorboard", "wandb", "mlflow"], default="none",
@@ -61,9 +62,9 @@ def parse_args(argv=None):
 
 
 def resolve(args):
-    """(recipe, data folder, out folder, config.json's content) from the flags; with --resume, the run's own,
-    refusing any flag that differs. config.json keeps the resolved recipe (what `--recipe config.json` runs again),
-    and the recipe file and flags it was resolved from."""
+    """(recipe, data folder, out folder or None for the default, config.json's content) from the flags; with
+    --resume, the run's own, refusing any flag that differs. config.json keeps the resolved recipe (what
+    `--recipe config.json` runs again), and the recipe file and flags it was resolved from."""
     given = recipes.overrides(args)
     if args.resume:
         if args.out is None:
@@ -93,7 +94,26 @@ def resolve(args):
     where, raw = recipes.load(args.recipe)
     recipe = recipes.resolve(raw, given, where)
     config = {"recipe": recipe, "source": raw, "overrides": given}  # the source and flags, to check a resume against
-    return recipe, Path(args.data or DEFAULT_DATA), Path(args.out or f"runs/{recipe['name']}"), config
+    return recipe, Path(args.data or DEFAULT_DATA), Path(args.out) if args.out else None, config
+
+
+def default_out(recipe, data, claim=True, root=Path("runs")):
+    """runs/<recipe>-<arch>-<dataset> (the dataset being the data folder's name), or the first of -2, -3, ... not yet
+    taken, as timm numbers its output folders. With `claim` the folder is made here, by mkdir, which fails for a
+    folder that exists: two runs started together never get the same one."""
+    data = data.resolve()
+    dataset = f"{data.parent.name}-{data.name}" if data.name.startswith("resized_") else data.name
+    base = f"{recipe['name']}-{recipe['arch'].replace('/', '_')}-{dataset}"
+    for n in itertools.count(1):
+        out = root / (base if n == 1 else f"{base}-{n}")
+        if not claim:
+            return out
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            out.mkdir()
+            return out
+        except FileExistsError:
+            continue
 
 
 def same_recipe(raw, run_given, run_recipe):
@@ -230,9 +250,16 @@ def main(argv=None):
         return
     if not data.is_dir():
         raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
+    claimed = out is None and not args.sanity and distributed.is_main()  # checks write nothing; rank 0 writes
+    if out is None:
+        out = default_out(recipe, data, claim=claimed)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock, from the first write to the last
             train_and_score(args, argv, recipe, data, out, config, world, held)
+    except BaseException:
+        if claimed and not any(out.iterdir()):  # refused before its first write: no empty folder left behind
+            out.rmdir()
+        raise
     finally:
         distributed.teardown()
 

@@ -393,7 +393,8 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
     import distributed
     from models import make_opt
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():  # the other processes of a data-parallel run only read (a checkpoint, on resume)
+        out.mkdir(parents=True, exist_ok=True)
     bars = sys.stdout.isatty() if bars is None else bars
     show_bars(learn, bars)
     learn.recorder.smooth_loss = EpochMeanLoss()

@@ -1,8 +1,10 @@
 """run.py end to end on a generated Stanford-Cars-format set: all three stages, every output,
 accuracy well above chance, resume after a kill without repeating epochs, and clear errors."""
 import json
+import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -204,3 +206,34 @@ def test_tensorboard_tracker_logs_one_scalar_per_epoch(prepared, tmp_path):
     assert [e.step for e in losses] == [1, 2, 3]
     history = pd.read_csv(out / "history.csv")
     assert [e.value for e in losses] == pytest.approx(history["train_loss"].tolist(), rel=1e-5)
+
+
+def test_two_runs_with_default_names_do_not_collide(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--epochs", "1,0,0", "--sizes", "32,32",
+             "--bs", "16,16", "--workers", "0"]
+    run.main(flags)
+    run.main(flags)
+    base = f"fastai_resnext50-resnet18-{prepared.name}"  # the recipe, the architecture and the dataset
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [base, f"{base}-2"]
+    for name in (base, f"{base}-2"):
+        assert json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["test_images"] == N_CLASSES * 12
+    assert not list(tmp_path.glob("runs/*/.lock"))
+
+
+def test_every_file_of_a_run_is_written_with_the_same_permissions(trained):
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in trained.iterdir() if p.is_file()}
+    assert modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def test_a_default_folder_refused_before_its_first_write_is_not_left_behind(tmp_path, monkeypatch):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train.csv").write_text("image,label\na.jpg,1\n")
+    (bad / "test.csv").write_text("image,label\na.jpg,1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="missing column"):
+        run.main(["--data", str(bad)])
+    assert not (tmp_path / "runs" / "fastai_resnext50-resnext50_32x4d-bad").exists()
