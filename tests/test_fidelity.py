@@ -78,7 +78,7 @@ QUANTITIES = {
 # so that its step decay, every 7 epochs, happens; the 448-of-512 recipes train at 28 px, 28 / 32 being 448 / 512
 RUNS = {
     "fastai_resnext50": dict(arch="resnet18", size=32, epochs=1),
-    "resnets_sgd": dict(arch="resnet18", size=32, epochs=8),
+    "resnets_sgd": dict(arch="resnet18", size=32, epochs=8, bs=16),  # 8 epochs, so that the drop after 7 happens
     "resnet50_448_ls": dict(arch="resnet18", size=28, epochs=2, bs=32),
     "bcnn_aircraft": dict(arch="resnet18", size=28, epochs=1),
     "oversample_focal": dict(arch="resnet10t", size=32, epochs=1),

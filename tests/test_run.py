@@ -78,7 +78,7 @@ UNINTERRUPTED = [("frozen", 1), ("frozen", 2), ("unfrozen", 1), ("unfrozen", 2),
                  ("resized", 2)]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [1])  # tests/test_resume.py kills in-process at every write of the epochs around it
 def test_resume_after_a_kill_in_any_stage_continues_there(prepared, tmp_path, stage):
     out = tmp_path / "killed"
     args = ["--data", prepared, "--arch", "resnet18", "--no-pretrained", "--epochs", ",".join(map(str, EPOCHS)),
