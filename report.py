@@ -2,7 +2,7 @@
 as base64 data URIs (so the file opens offline, alone), the worst classes; all text escaped.
 
     sections = report_sections(metrics=..., recipe=..., curves=PNG, per_class=DataFrame, confusion=PNG,
-                               heatmaps=PNG, top_losses=PNG)
+                               boxes=PNG, heatmaps=PNG, top_losses=PNG)
     write_report("runs/NAME/report.html", "Run NAME", sections)
 
 Hand-written because none of the project's libraries writes such a page: pandas renders the tables
@@ -46,9 +46,10 @@ def worst_classes(per_class, n=WORST_CLASSES):
 
 
 def report_sections(metrics=None, recipe=None, curves=None, per_class=None, confusion=None, heatmaps=None,
-                    top_losses=None, worst=WORST_CLASSES):
+                    top_losses=None, worst=WORST_CLASSES, boxes=None, boxes_caption="true box green, predicted red"):
     """The standard sections, in order, leaving out each one that is None or whose file does not exist.
-    `per_class`: a DataFrame or CSV path; the PNGs: paths."""
+    `per_class`: a DataFrame or CSV path; the PNGs: paths (`boxes`: test.py --draw-boxes' picture, `boxes_caption`
+    saying what it shows)."""
     def png(path, caption):
         return Png(path, caption) if path is not None and Path(path).is_file() else None
     worst_table = None
@@ -59,6 +60,7 @@ def report_sections(metrics=None, recipe=None, curves=None, per_class=None, conf
                 (f"Worst {worst} classes" if worst_table is not None and len(worst_table) >= worst else "Classes by accuracy",
                  worst_table),
                 ("Confusion", png(confusion, "the classes with the most errors")),
+                ("Boxes", png(boxes, boxes_caption)),
                 ("Grad-CAM heatmaps", png(heatmaps, "most confident mistakes, then correct predictions")),
                 ("Top losses", png(top_losses, "the images with the highest loss"))]
     return [(heading, body) for heading, body in sections if body is not None]

@@ -1,19 +1,24 @@
-"""Score a trained model on a hold-out folder of images with a CSV of labels, or predict a folder.
+"""Score a trained model on a hold-out folder of images with a CSV of labels or of class folders, or predict a folder.
 
     python test.py --model runs/NAME --folder DIR --csv labels.csv [--label-col COL] [--fname-col COL]
-    python test.py --model runs/NAME --folder DIR          # predictions only, every image in DIR
+    python test.py --model runs/NAME --folder DIR          # DIR/<class name>/*.jpg: scored; images alone: predicted
     python test.py --model runs/NAME --folder photo.jpg    # one image
+    python test.py --model runs/NAME --folder DIR --csv files.csv --predict-only   # predictions only
     python test.py --model runs/CROP --localizer runs/LOC --folder DIR --csv labels.csv   # crops from LOC's boxes
 
 Every row is scored once, in the CSV's order, at the model's image size, without augmentation
 (unless --tta). Labels may be class ids or class names, matched to the model's classes by value, never
 by position: a class name first, a class id where no class name is a number or the column is named like
 class_id; --labels id|name says which where class names are numbers (folders 1, 2, 10) and the column's
-name does not. Written: the predictions CSV (--out), <out>_per_class.csv and <out>_confusion.png.
+name does not. Class folders are matched by name. With no labels found the CSV must clearly have none (only file
+names and boxes), or --predict-only asks for predictions; the last line then says that nothing was scored. Written:
+the predictions CSV (--out, by default <model>/predictions/<CSV or folder name>.csv), <out>_per_class.csv and
+<out>_confusion.png.
 
 A model trained with --head localize also predicts each image's box: written as pred_x1..pred_y2 (original
-pixels, 1-based like the devkit), scored (mean IoU, IoU >= 0.5) when the CSV has bbox_x1..bbox_y2, and drawn
-with --draw-boxes N into <out>_boxes.png. A model trained with --crop-bbox is scored on the CSV's boxes, or,
+pixels, 1-based like the devkit), scored (mean IoU, IoU >= 0.5) when the CSV has boxes (bbox_x1..bbox_y2, or in a
+headerless devkit CSV the four columns beside the file and label columns), and drawn with --draw-boxes N into
+<out>_boxes.png. A model trained with --crop-bbox is scored on the CSV's boxes, or,
 with --localizer LOC, on the boxes LOC predicts, grown by the model's own margin."""
 import re
 import sys
@@ -30,6 +35,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FNAME_NAMES = ("filename", "fname", "file", "image", "path", "relative_im_path")
 PRED_BOX_COLUMNS = ["pred_x1", "pred_y1", "pred_x2", "pred_y2"]
 LABEL_NAMES = ("class_id", "class_name", "label", "class", "labels", "category", "target")
+HANDFUL = 5  # more predictions than this are only in the CSV, not printed one a line
 ID_HEADER = re.compile(r"(class|label|category|target)?[ _-]?id")       # a label column of class ids, by its header
 NAME_HEADER = re.compile(r"(class|label|category|target)?[ _-]?name")   # ... of class names
 
@@ -37,7 +43,9 @@ NAME_HEADER = re.compile(r"(class|label|category|target)?[ _-]?name")   # ... of
 def parse_args(argv=None):
     p = cli.parser(__doc__)
     p.add_argument("--model", required=True, help="trained model folder (model.safetensors + model.json, from run.py)")
-    p.add_argument("--folder", required=True, help="folder of hold-out images (CSV file names are relative to it), or one image")
+    p.add_argument("--folder", required=True,
+                   help="folder of hold-out images (CSV file names are relative to it), of class folders "
+                        "(DIR/<class name>/*.jpg, scored without --csv), or one image")
     p.add_argument("--csv", default=None, help="CSV naming the images and their labels; without it every image in --folder is predicted")
     p.add_argument("--fname-col", default=None, help="column of file names: a name or a 0-based index (default: 'filename' or the first)")
     p.add_argument("--label-col", default=None,
@@ -47,7 +55,10 @@ def parse_args(argv=None):
                         "class name is a number or the column is named like class_id; where class names are numbers and "
                         "the column's name says neither, the one reading that fits every row (both fitting but "
                         "disagreeing is refused)")
-    p.add_argument("--out", default="predictions.csv", help="predictions CSV; per-class CSV and confusion PNG are written beside it")
+    p.add_argument("--predict-only", action="store_true", help="predict every image, score no labels")
+    p.add_argument("--out", default=None,
+                   help="predictions CSV (default: <model>/predictions/<CSV or folder name>.csv); per-class CSV and "
+                        "confusion PNG are written beside it")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (fastai's tta: flips, crops and the training transforms)")
     p.add_argument("--bs", type=int, default=64, help="batch size")
@@ -64,6 +75,8 @@ def parse_args(argv=None):
                    help="save <out>_boxes.png: the first N images with their true (green) and predicted (red) boxes; "
                         "needs a localize model or --localizer")
     args = p.parse_args(argv)
+    if args.predict_only and args.label_col is not None:
+        raise UserError("--predict-only scores no labels: drop --label-col, or drop --predict-only to score")
     for flag, least in (("bs", 1), ("workers", 0), ("heatmaps", 0), ("top_losses", 0), ("draw_boxes", 0)):
         value = getattr(args, flag)
         if value is not None and value < least:
@@ -85,11 +98,21 @@ def _column(df, spec, what, csv):
     raise UserError(f"{csv}: --{what}-col {spec!r} is not a column (columns: {', '.join(map(str, df.columns))})")
 
 
+def _reads_as_boxes(frame):
+    """Whether four columns read as devkit boxes x1, y1, x2, y2: numbers, x1 <= x2 and y1 <= y2 on every row."""
+    values = frame.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    return not np.isnan(values).any() and (values[:, 0] <= values[:, 2]).all() and (values[:, 1] <= values[:, 3]).all()
+
+
 def read_holdout(csv, folder, fname_col=None, label_col=None):
-    """(DataFrame with `filename` and maybe `label`) from a CSV with or without a header row.
+    """(DataFrame with `filename`, maybe `label`, maybe bbox_x1..bbox_y2) from a CSV with or without a header row.
 
     The first row is a header unless its file-name cell names an image: a file in `folder`, or a
-    name with an image suffix (a missing first image is then reported, not taken for a header)."""
+    name with an image suffix (a missing first image is then reported, not taken for a header).
+    A headerless CSV's boxes are the four columns beside the file and label columns, in order, when they read as
+    boxes: the devkit's columns (file, x1, y1, x2, y2, class, or x1..y2, class, file).
+    No label column found, when asked for none (label_col "none") or when the CSV has only file names and boxes:
+    attrs["unlabelled"] says why; with other columns that might hold the labels: refused."""
     csv, folder = Path(csv), Path(folder)
     if not csv.is_file():
         raise UserError(f"{csv}: no such CSV file")
@@ -110,35 +133,71 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
     if fname_col is None:
         fname_col = next((c for c in df.columns if str(c).lower() in FNAME_NAMES), df.columns[0])
     fname_col = _column(df, fname_col, "fname", csv)
+    asked = label_col is not None and str(label_col).lower() == "none"
     if label_col is None:
         label_col = next((c for name in LABEL_NAMES for c in df.columns if str(c).lower() == name), None)
-        if label_col is None:
-            print(f"note: {csv}: no label column found by name; predicting only (pass --label-col to score)", file=sys.stderr)
-    elif str(label_col).lower() == "none":
-        label_col = None
     else:
-        label_col = _column(df, label_col, "label", csv)
+        label_col = None if asked else _column(df, label_col, "label", csv)
+    rest = [c for c in df.columns if c not in (fname_col, label_col)]
+    positional = headerless and len(rest) == 4 and _reads_as_boxes(df[rest])
+    boxes = dict(zip(BOX_COLUMNS, rest)) if positional else {c: c for c in BOX_COLUMNS if c in df.columns}
     out = pd.DataFrame({"filename": text[fname_col].astype(str)})
     if label_col is not None:
         out["label"] = text[label_col]  # as written: class name "007" stays "007"
         out.attrs["label_col"] = label_col
-    for box_col in BOX_COLUMNS:  # used only by models trained with --crop-bbox
-        if box_col in df.columns:
-            out[box_col] = df[box_col]
+    elif asked:
+        out.attrs["unlabelled"] = "as --label-col none asks; name the label column to score"
+    elif set(rest) - set(boxes.values()):
+        how = (f"the CSV has no header row to name it; pass --label-col N (a 0-based index, 0..{len(df.columns) - 1})"
+               if headerless else f"none of its columns ({', '.join(map(str, df.columns))}) is named "
+                                  f"{', '.join(LABEL_NAMES)}; pass --label-col NAME or N (a 0-based index)")
+        raise UserError(f"{csv}: no label column found: {how} to score, or --predict-only to predict only")
+    else:
+        out.attrs["unlabelled"] = (f"{csv} has no label column (only file names{' and boxes' if boxes else ''}); add a "
+                                   "class_id or class_name column to score")
+    for name, col in boxes.items():  # the true boxes: crops of --crop-bbox models, box scores, --draw-boxes
+        out[name] = df[col]
+    out.attrs["boxes"] = ("bbox_x1..bbox_y2" if not positional else
+                          f"columns {', '.join(map(str, rest))} as x1, y1, x2, y2") if len(boxes) == 4 else None
     return out
 
 
-def list_images(folder):
-    """DataFrame of every image in `folder` (recursively), or of the one image `folder` names."""
+def list_images(folder, labels=True):
+    """(DataFrame of every image in `folder` (recursively), or of the one image `folder` names; its folder).
+    With `labels`, a folder of class folders (every image in a subfolder, as data.py's folders layout) gives each
+    image's class folder name as its `label`; otherwise attrs["unlabelled"] says why there are no labels."""
     folder = Path(folder)
+    none = (f"no --csv gives labels and {folder} is not a folder of class folders; pass --csv FILE with a label "
+            "column, or a folder of class folders (DIR/<class name>/*.jpg), to score")
     if folder.is_file():
-        return pd.DataFrame({"filename": [folder.name]}), folder.parent
+        df = pd.DataFrame({"filename": [folder.name]})
+        df.attrs["unlabelled"] = none
+        return df, folder.parent
     if not folder.is_dir():
         raise UserError(f"{folder}: no such folder or image")
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return pd.DataFrame({"filename": files}), folder
+    df = pd.DataFrame({"filename": files})
+    if labels and all("/" in f for f in files):
+        df["label"] = [f.split("/", 1)[0] for f in files]
+        df.attrs["class_folders"] = True
+    elif labels:
+        df.attrs["unlabelled"] = none
+    return df, folder
+
+
+def class_folder_labels(names, classes, folder):
+    """Model output index for each image's class folder name, matched to the model's class names (a folder named
+    like a number is a name, as data.py reads it); the unknown folders, all of them, in one line."""
+    known = {str(c["name"]).strip().lower() for c in classes}
+    unknown = sorted({n for n in names if n.strip().lower() not in known})
+    if unknown:
+        raise UserError(f"{folder}: {'folders' if len(unknown) > 1 else 'folder'} {_listed([repr(n) for n in unknown])} "
+                        f"{'are not class names' if len(unknown) > 1 else 'is not a class name'} of this model (names "
+                        f"{_listed([str(c['name']) for c in classes])}); name each class folder as its class, "
+                        "or pass --predict-only to predict every image")
+    return match_labels(names, classes, folder, "name")
 
 
 def _integer(text):
@@ -395,7 +454,7 @@ def report(df, probs, classes, true, out, boxes=None):
     write_csv(preds, out)
     print(f"images: {len(df)}")
     if true is None:
-        for _, r in preds.head(20).iterrows():
+        for _, r in (preds if len(preds) <= HANDFUL else preds.iloc[:0]).iterrows():
             print(f"{r['filename']}: {r['pred_id']} {r['pred_name']} ({r['confidence']:.3f})")
         print(f"predictions: {out}")
         return None
@@ -416,9 +475,9 @@ def report(df, probs, classes, true, out, boxes=None):
     return top1
 
 
-def explain_and_report(args, model, meta, df, folder, probs, true, out):
+def explain_and_report(args, model, meta, df, folder, probs, true, out, boxes_caption=None):
     """<out>_heatmaps.png and <out>_top_losses.png (with labels), then <out>_report.html of this scoring, with the
-    model's training curves when its run folder has them."""
+    model's training curves when its run folder has them, and <out>_boxes.png (already drawn) under `boxes_caption`."""
     import torch
     import explain
     from data import inference_dl
@@ -453,6 +512,7 @@ def explain_and_report(args, model, meta, df, folder, probs, true, out):
         curves=Path(args.model) / "training_curves.png",
         per_class=f"{stem}_per_class.csv" if true is not None else None,
         confusion=f"{stem}_confusion.png" if true is not None else None,
+        boxes=f"{stem}_boxes.png" if args.draw_boxes else None, boxes_caption=boxes_caption,
         heatmaps=f"{stem}_heatmaps.png" if args.heatmaps else None,
         top_losses=f"{stem}_top_losses.png" if args.top_losses else None))
     print(f"report: {stem}_report.html")
@@ -470,7 +530,7 @@ def main(argv=None):
     if args.draw_boxes and not (localize or loc):
         raise UserError(f"--draw-boxes needs predicted boxes: {args.model} has no box head (train one with --head "
                         "localize), and no --localizer is given")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(args)
     stem = out.with_suffix("")
     outputs = [out, Path(f"{stem}_per_class.csv"), Path(f"{stem}_confusion.png")]
     outputs += [Path(f"{stem}_boxes.png")] if args.draw_boxes else []
@@ -487,13 +547,19 @@ def main(argv=None):
     if args.csv:
         if not Path(args.folder).is_dir():
             raise UserError(f"{args.folder}: no such folder")
-        df, folder = read_holdout(args.csv, args.folder, args.fname_col, args.label_col), Path(args.folder)
+        df = read_holdout(args.csv, args.folder, args.fname_col, "none" if args.predict_only else args.label_col)
+        folder = Path(args.folder)
     else:
-        df, folder = list_images(args.folder)
+        df, folder = list_images(args.folder, labels=not args.predict_only)
     where = args.csv or str(folder)
-    true = match_labels(df["label"], meta["classes"], where, args.labels, df.attrs.get("label_col")) if "label" in df else None
+    unlabelled = "as --predict-only asks; drop it to score" if args.predict_only else df.attrs.get("unlabelled")
+    true_boxes = df.attrs.get("boxes")
+    if df.attrs.get("class_folders"):
+        true = class_folder_labels(df["label"], meta["classes"], folder)
+    else:
+        true = match_labels(df["label"], meta["classes"], where, args.labels, df.attrs.get("label_col")) if "label" in df else None
     if (args.heatmaps or args.top_losses) and true is None:
-        raise UserError("--heatmaps and --top-losses need labels: pass --csv with a label column")
+        raise UserError("--heatmaps and --top-losses need labels: pass --csv with a label column, or a folder of class folders")
     bad = bad_images(df, folder, args.skip_bad, where)
     if len(bad) == len(df):
         raise UserError(f"{where}: no readable images left to score")
@@ -515,19 +581,32 @@ def main(argv=None):
         probs = predict(model, meta, crops, folder, args.bs, args.tta, args.workers)
     else:
         if meta.get("crop_bbox") and all(c in df.columns for c in BOX_COLUMNS):
-            print(f"boxes: the CSV's bbox_x1..bbox_y2, grown by {margin:.0%} on every side")
+            print(f"boxes: the CSV's {true_boxes}, grown by {margin:.0%} on every side")
         probs = predict(model, meta, df, folder, args.bs, args.tta, args.workers)
     report(df, probs, meta["classes"], true, out, boxes)
-    explain_and_report(args, model, meta, crops, folder, probs, true, out)
     if boxes is not None:
         print_box_scores(boxes, df, "localizer " if loc else "")
         print(f"predicted boxes: {out} (pred_x1..pred_y2, original pixels, 1-based)")
+    caption = None
     if args.draw_boxes:
+        caption = "true box green, predicted red" if true_boxes else "predicted box red; the CSV gives no true boxes"
+        if not true_boxes:
+            print(f"boxes: {'no --csv gives' if not args.csv else args.csv + ' has'} no true boxes (bbox_x1..bbox_y2, or "
+                  "four box columns beside the file and label columns of a headerless CSV): drawing the predicted ones alone")
         draw_boxes(df, folder, boxes, args.draw_boxes, f"{stem}_boxes.png",
-                   f"{'localizer ' + str(args.localizer) if loc else args.model}: true box green, predicted red")
+                   f"{'localizer ' + str(args.localizer) if loc else args.model}: {caption}")
         print(f"boxes drawn: {stem}_boxes.png")
+    explain_and_report(args, model, meta, crops, folder, probs, true, out, caption)
     if bad:
         print(f"skipped {len(bad)} unreadable or missing image(s)", file=sys.stderr)
+    if true is None:  # last, where it is seen: nothing was scored
+        print(f"predicted {len(df)} image{'s' if len(df) != 1 else ''}, no labels scored: {unlabelled}")
+
+
+def default_out(args):
+    """<model>/predictions/<CSV or folder name>.csv: beside the model it scored, never in the current folder."""
+    source = Path(args.csv or args.folder).resolve()
+    return Path(args.model) / "predictions" / f"{source.stem if args.csv or source.is_file() else source.name}.csv"
 
 
 if __name__ == "__main__":

@@ -463,3 +463,98 @@ def test_heatmap_and_top_loss_panels_show_the_rows_their_captions_name(tmp_path,
     for name, rest, _ in top:
         if preds.loc[name, "correct"]:   # the true class is the predicted one: loss = -log(confidence)
             assert float(rest.rsplit("loss ", 1)[1]) == pytest.approx(-np.log(preds.loc[name, "confidence"]), abs=0.006)
+
+
+# ---------------------------------------------------------------- class folders, predictions only, where outputs go
+
+def class_folders(folder, counts):
+    """folder/<name>/<k>.png for each name and count, every image of its own colour."""
+    for j, (name, n) in enumerate(counts.items()):
+        (folder / name).mkdir(parents=True)
+        for k in range(n):
+            Image.new("RGB", (40, 40), (40 * k, 50 * j, 160)).save(folder / name / f"{k}.png")
+    return folder
+
+
+def test_class_folders_are_scored_by_their_names(tmp_path, capsys):
+    model = model_folder(tmp_path / "model", SPARSE, favourite=1)  # always says 7, Bravo
+    folder = class_folders(tmp_path / "holdout", {"Alfa": 2, "bravo": 3, "Delta": 1})
+    acc, out = score(capsys, "--model", model, "--folder", folder, "--out", tmp_path / "p.csv", "--workers", 0)
+    assert acc == round(3 / 6, 4)   # the three images in bravo/, by hand
+    preds = pd.read_csv(tmp_path / "p.csv")
+    ids = {"alfa": 3, "bravo": 7, "delta": 12}
+    assert preds["true_id"].tolist() == [ids[f.split("/")[0].lower()] for f in preds["filename"]]
+    assert sorted(preds["true_id"]) == [3, 3, 7, 7, 7, 12] and "no labels scored" not in out
+
+
+def test_class_folders_named_like_numbers_are_names(tmp_path, capsys):
+    model = model_folder(tmp_path / "model", NUMERIC, favourite=2)  # always says folder 2 (id 3)
+    folder = class_folders(tmp_path / "holdout", {"2": 3, "1": 2})   # both read as ids too: id 2 is folder 10
+    acc, _ = score(capsys, "--model", model, "--folder", folder, "--out", tmp_path / "p.csv", "--workers", 0)
+    assert acc == round(3 / 5, 4)   # the three images in 2/, by hand; read as ids, none would be right
+    preds = pd.read_csv(tmp_path / "p.csv", dtype={"true_name": str})
+    assert preds["true_name"].tolist() == [f.split("/")[0] for f in preds["filename"]]
+
+
+def test_unknown_class_folders_stop_with_one_line(tmp_path, capsys):
+    model = model_folder(tmp_path / "model", SPARSE)
+    folder = class_folders(tmp_path / "holdout", {"Alfa": 1, "Echo": 1, "Foxtrot": 2})
+    result = run_script("test.py", "--model", model, "--folder", folder, "--out", tmp_path / "p.csv", "--workers", 0)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {folder}: folders 'Echo', 'Foxtrot' are not class names of this model (names Alfa, Bravo, Charlie, "
+        "Delta); name each class folder as its class, or pass --predict-only to predict every image"]
+    assert not (tmp_path / "p.csv").exists()
+    _, out = score(capsys, "--model", model, "--folder", folder, "--predict-only", "--out", tmp_path / "p.csv",
+                   "--workers", 0)
+    assert out.strip().splitlines()[-1] == "predicted 4 images, no labels scored: as --predict-only asks; drop it to score"
+
+
+@pytest.fixture
+def twelve_images(tmp_path):
+    """(a model of SPARSE, a folder of 12 images, their devkit rows: file, x1, y1, x2, y2, class id)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(12):
+        Image.new("RGB", (40, 40), (20 * i, 250 - 20 * i, 90)).save(folder / f"{i:02d}.png")
+    rows = pd.DataFrame({"filename": [f"{i:02d}.png" for i in range(12)], "x1": 3, "y1": 4, "x2": 30, "y2": 35,
+                         "class_id": [SPARSE[i % 4][0] for i in range(12)]})
+    return model_folder(tmp_path / "model", SPARSE), folder, rows
+
+
+def test_predictions_only_when_asked_or_without_a_label_column_and_the_last_line_says_so(twelve_images, tmp_path, capsys):
+    model, folder, rows = twelve_images
+    rows.to_csv(tmp_path / "devkit.csv", header=False, index=False)
+    common = ["--model", model, "--folder", folder, "--csv", tmp_path / "devkit.csv", "--workers", 0]
+    with pytest.raises(UserError, match=r"devkit.csv: no label column found: the CSV has no header row to name it; "
+                                        r"pass --label-col N \(a 0-based index, 0..5\) to score, or --predict-only"):
+        score(capsys, *common, "--out", tmp_path / "p.csv")
+    _, out = score(capsys, *common, "--predict-only", "--out", tmp_path / "p.csv")
+    lines = out.strip().splitlines()
+    assert lines[-1] == "predicted 12 images, no labels scored: as --predict-only asks; drop it to score"
+    assert not [line for line in lines if re.match(r"\d\d\.png: ", line)]   # 12 are in the CSV, not one a line
+    assert pd.read_csv(tmp_path / "p.csv")["filename"].tolist() == rows["filename"].tolist()
+    rows[["filename"]].to_csv(tmp_path / "files.csv", index=False)   # only file names: clearly no labels
+    _, out = score(capsys, "--model", model, "--folder", folder, "--csv", tmp_path / "files.csv", "--out", tmp_path / "q.csv",
+                   "--workers", 0)
+    assert out.strip().splitlines()[-1] == (f"predicted 12 images, no labels scored: {tmp_path / 'files.csv'} has no label "
+                                            "column (only file names); add a class_id or class_name column to score")
+    acc, out = score(capsys, *common, "--label-col", 5, "--out", tmp_path / "r.csv")
+    assert acc is not None and "no labels scored" not in out
+
+
+def test_the_default_out_lands_beside_the_model(twelve_images, tmp_path, monkeypatch, capsys):
+    model, folder, rows = twelve_images
+    rows[["filename", "class_id"]].to_csv(tmp_path / "h.csv", index=False)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    _, out = score(capsys, "--model", model, "--folder", folder, "--workers", 0)
+    assert len(pd.read_csv(model / "predictions" / "imgs.csv")) == 12 and (model / "predictions" / "imgs_report.html").is_file()
+    acc, out = score(capsys, "--model", model, "--folder", folder, "--csv", tmp_path / "h.csv", "--workers", 0)
+    written = model / "predictions" / "h.csv"
+    assert f"predictions: {written};" in out and len(pd.read_csv(written)) == 12
+    with pytest.raises(UserError, match=rf"^{re.escape(str(written))}: already exists; pass --overwrite or choose another --out$"):
+        score(capsys, "--model", model, "--folder", folder, "--csv", tmp_path / "h.csv", "--workers", 0)
+    assert score(capsys, "--model", model, "--folder", folder, "--csv", tmp_path / "h.csv", "--overwrite", "--workers", 0)[0] == acc
+    assert list(here.iterdir()) == []

@@ -193,6 +193,46 @@ def test_predicting_a_folder_writes_boxes_in_the_images_pixels(localizer, boxes_
     assert one[PRED].iloc[0].tolist() == every.loc["0005.jpg", PRED].tolist()
 
 
+@pytest.mark.parametrize("layout", ["file, box, class", "box, class, file", "no boxes"])
+def test_draw_boxes_draws_the_csvs_true_boxes_and_the_report_shows_them(layout, boxes_data, tmp_path, monkeypatch, capsys):
+    """A headerless devkit CSV's boxes are the four columns beside the file and label columns: drawn green where the
+    CSV puts them, the picture titled as it is and put in the scoring report; a CSV without boxes says so."""
+    import base64
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    patches, titles, add_patch, suptitle = [], [], Axes.add_patch, Figure.suptitle
+
+    def patch_spy(self, patch):
+        patches.append((tuple(patch.get_edgecolor()), *patch.get_xy(), patch.get_width(), patch.get_height()))
+        return add_patch(self, patch)
+
+    def title_spy(self, text, **kwargs):
+        titles.append(text)
+        return suptitle(self, text, **kwargs)
+    monkeypatch.setattr(Axes, "add_patch", patch_spy)
+    monkeypatch.setattr(Figure, "suptitle", title_spy)
+    model = hand_made(tmp_path / "loc", "localize", [1, 2, 3])
+    truth = pd.read_csv(boxes_data / "test.csv").head(6)
+    columns, flags = {"file, box, class": (["filename", *BOX, "class_id"], ["--label-col", 5]),
+                      "box, class, file": ([*BOX, "class_id", "filename"], ["--fname-col", 5, "--label-col", 4]),
+                      "no boxes": (["filename", "class_id"], [])}[layout]
+    truth[columns].to_csv(tmp_path / "h.csv", header=layout == "no boxes", index=False)
+    _, printed = score(capsys, "--model", model, "--folder", boxes_data, "--csv", tmp_path / "h.csv", *flags,
+                       "--draw-boxes", 4, "--out", tmp_path / "p.csv", "--workers", 0)
+    green = [box for colour, *box in patches if colour == (0.0, 1.0, 0.0, 1.0)]   # lime
+    red = [box for colour, *box in patches if colour == (1.0, 0.0, 0.0, 1.0)]
+    page = (tmp_path / "p_report.html").read_text()
+    assert len(red) == 4 and base64.b64encode((tmp_path / "p_boxes.png").read_bytes()).decode() in page
+    if layout == "no boxes":
+        assert green == [] and titles[-1].endswith(": predicted box red; the CSV gives no true boxes")
+        assert f"boxes: {tmp_path / 'h.csv'} has no true boxes" in printed and "mean IoU" not in printed
+        return
+    # devkit boxes are 1-based inclusive: the rectangle spans pixel edges x1 - 1 .. x2
+    assert green == [[x1 - 1, y1 - 1, x2 - x1 + 1, y2 - y1 + 1] for x1, y1, x2, y2 in truth[BOX].to_numpy()[:4]]
+    assert titles[-1].endswith(": true box green, predicted red") and "true box green, predicted red" in page
+    assert re.search(r"^mean IoU: ([0-9.]+)$", printed, re.M)   # scored against the same boxes
+
+
 # ---------------------------------------------------------------- test.py --localizer
 
 @pytest.fixture
