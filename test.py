@@ -124,8 +124,8 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
     cell = str(first.iloc[0, fname_index]) if fname_index < first.shape[1] else ""
     headerless = (folder / cell).is_file() or Path(cell).suffix.lower() in IMAGE_SUFFIXES
     try:
-        df = pd.read_csv(csv, header=None if headerless else 0, keep_default_na=False, na_values=[""])
-        text = pd.read_csv(csv, header=None if headerless else 0, keep_default_na=False, na_values=[""], dtype=str)
+        # every cell as written (class name "007" stays "007"); the box columns are made numbers below
+        df = pd.read_csv(csv, header=None if headerless else 0, keep_default_na=False, na_values=[""], dtype=str)
     except Exception as err:
         raise UserError(f"{csv}: not a readable CSV ({err})")
     if df.empty:
@@ -141,9 +141,9 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
     rest = [c for c in df.columns if c not in (fname_col, label_col)]
     positional = headerless and len(rest) == 4 and _reads_as_boxes(df[rest])
     boxes = dict(zip(BOX_COLUMNS, rest)) if positional else {c: c for c in BOX_COLUMNS if c in df.columns}
-    out = pd.DataFrame({"filename": text[fname_col].astype(str)})
+    out = pd.DataFrame({"filename": df[fname_col].astype(str)})
     if label_col is not None:
-        out["label"] = text[label_col]  # as written: class name "007" stays "007"
+        out["label"] = df[label_col]
         out.attrs["label_col"] = label_col
     elif asked:
         out.attrs["unlabelled"] = "as --label-col none asks; name the label column to score"
@@ -156,7 +156,10 @@ def read_holdout(csv, folder, fname_col=None, label_col=None):
         out.attrs["unlabelled"] = (f"{csv} has no label column (only file names{' and boxes' if boxes else ''}); add a "
                                    "class_id or class_name column to score")
     for name, col in boxes.items():  # the true boxes: crops of --crop-bbox models, box scores, --draw-boxes
-        out[name] = df[col]
+        try:
+            out[name] = pd.to_numeric(df[col])
+        except ValueError as err:
+            raise UserError(f"{csv}: column {col!r} holds the boxes' {name}, but {err}")
     out.attrs["boxes"] = ("bbox_x1..bbox_y2" if not positional else
                           f"columns {', '.join(map(str, rest))} as x1, y1, x2, y2") if len(boxes) == 4 else None
     return out

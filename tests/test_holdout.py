@@ -558,3 +558,16 @@ def test_the_default_out_lands_beside_the_model(twelve_images, tmp_path, monkeyp
         score(capsys, "--model", model, "--folder", folder, "--csv", tmp_path / "h.csv", "--workers", 0)
     assert score(capsys, "--model", model, "--folder", folder, "--csv", tmp_path / "h.csv", "--overwrite", "--workers", 0)[0] == acc
     assert list(here.iterdir()) == []
+
+
+def test_a_box_cell_that_is_not_a_number_is_one_line_and_labels_stay_as_written(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("filename,class_name,bbox_x1,bbox_y1,bbox_x2,bbox_y2\n"
+                                         "a.jpg,007,1,2,30,40\nb.jpg,7,1,2,x3,40\n")
+    with pytest.raises(UserError, match=r"labels\.csv: column 'bbox_x2' holds the boxes' bbox_x2, but .*x3"):
+        holdout.read_holdout(tmp_path / "labels.csv", tmp_path)
+    (tmp_path / "labels.csv").write_text("filename,class_name,bbox_x1,bbox_y1,bbox_x2,bbox_y2\n"
+                                         "a.jpg,007,1,2,30,40\nb.jpg,7,1,2,,40\n")
+    table = holdout.read_holdout(tmp_path / "labels.csv", tmp_path)
+    assert table["label"].tolist() == ["007", "7"] and table["bbox_x2"].tolist()[0] == 30
+    assert pd.isna(table["bbox_x2"][1]) and pd.api.types.is_numeric_dtype(table["bbox_x1"])
