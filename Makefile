@@ -12,7 +12,7 @@ DATASET_DIR_cars     := stanford_cars
 DATASET_DIR_aircraft := fgvc_aircraft
 DATASET_DIR_cub      := cub_200_2011
 
-.PHONY: data install trackers demo test reproduce clean
+.PHONY: data install trackers demo test quick lint reproduce clean
 .DEFAULT_GOAL := data
 
 $(VENV)/.installed: requirements.txt
@@ -43,7 +43,7 @@ reproduce: data
 # A small generated fine-grained set, the same three-stage recipe scaled down, on the CPU in a few minutes
 demo: install
 	rm -rf $(DEMO_DIR)
-	$(PY) tests/synth.py --out $(DEMO_DIR)/source --classes 6 --train-per-class 60 --test-per-class 25
+	$(PY) tools/synth.py --out $(DEMO_DIR)/source --classes 6 --train-per-class 60 --test-per-class 25
 	$(PY) data.py --dataset cars --root $(DEMO_DIR)/data --source $(DEMO_DIR)/source
 	$(PY) lr_find.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained --size 64 --bs 16 --num-it 40 --out $(DEMO_DIR)/run
 	$(PY) run.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained \
@@ -54,8 +54,17 @@ demo: install
 	@echo "plots and predictions: $(DEMO_DIR)/run (loss_plot_frozen.png, training_curves.png, holdout_predictions*.{csv,png})"
 	@echo "open the reports: $(DEMO_DIR)/run/report.html (the run), $(DEMO_DIR)/run/holdout_predictions_report.html (heatmaps, worst classes)"
 
-test: install trackers
+# Everything CI runs: the layering contract (pyproject.toml), then the whole suite
+test: lint install trackers
 	$(PY) -m pytest
+
+# The inner loop: the suite without the end-to-end and subprocess tests (marked slow)
+quick: install
+	$(PY) -m pytest -m "not slow"
+
+# Layers point one way (finegrained/__init__.py): import-linter fails the build on an import that points up
+lint: install
+	$(VENV)/bin/lint-imports --no-cache
 
 clean:
 	rm -rf $(DEMO_DIR) runs .pytest_cache

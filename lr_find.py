@@ -11,8 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-import cli
-from cli import UserError, atomic
+from finegrained import cli
+from finegrained.errors import UserError
+from finegrained.files import save_png, write_json
 
 
 def parse_args(argv=None):
@@ -45,11 +46,12 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     from fastai.callback.schedule import minimum, slide, steep, valley
     from fastai.torch_core import set_seed
-    from data import check_table_images, dls_args, get_dls, read_table
-    from models import create_learner, learner_args, load_trained
-    from train import show_bars, use_device
+    from finegrained.data import dls_args, get_dls
+    from finegrained.prepare.tables import check_table_images, read_table
+    from finegrained.models import create_learner, learner_args, load_trained
+    from finegrained.train import show_bars, use_device
 
-    import recipe as recipes
+    from finegrained import recipe as recipes
     where, raw = recipes.load(args.recipe)
     recipe = recipes.resolve(raw, recipes.overrides(args), where)
     if args.model and (Path(args.model) / "model.json").exists():  # the trained model's own architecture and head
@@ -91,15 +93,13 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / f"loss_plot_{args.stage}.png"
-    with atomic(png) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    save_png(fig, png, dpi=120, bbox_inches="tight")
     suggestions = {n: float(v) for n, v in zip(names, found)}
     # the points fastai suggested from (it leaves out the first tenth and the last five), to check or replot them
     rec = learn.recorder
     curve = {"lr": [float(v) for v in rec.lrs[args.num_it // 10:-5]],
              "loss": [float(v) for v in rec.losses[args.num_it // 10:-5]]}
-    with atomic(out / f"lr_find_{args.stage}.json") as tmp:
-        tmp.write_text(json.dumps({**suggestions, "curve": curve}, indent=2))
+    write_json(out / f"lr_find_{args.stage}.json", {**suggestions, "curve": curve})
     for n, v in suggestions.items():
         print(f"{n:>8}: {v:.2e}")
     print(f"plot: {png}")

@@ -1,275 +1,34 @@
-"""Models: a fastai Learner for a backbone named on the command line, and saving/loading trained
-models as safetensors weights plus a JSON of metadata (nothing is ever unpickled).
+"""Show the learner a recipe builds: the backbone (a torchvision ResNet/ResNeXt, or any timm model by name), the
+head, the parameter groups the discriminative learning rates split, and what each stage trains.
 
-Backbones: torchvision's ResNets and ResNeXts (cut before the pool, the recipe's three parameter groups),
-or any timm model by name. Names from the unmaintained `pretrainedmodels` package map to timm's ports of
-the same weights. Heads (heads.py, `--head`): concat (fastai's, the default), linear, bilinear, localize;
-model.json records the head and its options, so a trained model is rebuilt from safetensors + JSON alone."""
-import json
-from pathlib import Path
+    python models.py                                          # the published recipe: ResNeXt50, concat head
+    python models.py --arch convnext_tiny --head bilinear     # any timm backbone, another head
+    python models.py --recipe resnets_sgd --classes 100
 
-import torch
-from torch import nn
-
-from cli import UserError, atomic
-from heads import HEADS, make_head
-
-TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"}
-ALIASES = {
-    "resnext50": "resnext50_32x4d", "resnext101": "resnext101_32x8d",
-    # pretrainedmodels (Cadene) names -> timm ports of those weights
-    "se_resnet50": "legacy_seresnet50", "se_resnet101": "legacy_seresnet101", "se_resnet152": "legacy_seresnet152",
-    "se_resnext50_32x4d": "legacy_seresnext50_32x4d", "se_resnext101_32x4d": "legacy_seresnext101_32x4d",
-    "senet154": "legacy_senet154", "xception": "legacy_xception", "inceptionv4": "inception_v4",
-    "inceptionresnetv2": "inception_resnet_v2",
-}
-WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
+The learner itself (finegrained/models.py) is what run.py, train.py and lr_find.py train; nothing is downloaded
+here (the shapes do not depend on the ImageNet weights)."""
+from finegrained import cli
+from finegrained import recipe as recipes
 
 
-def resolve_arch(arch):
-    """('torchvision' | 'timm', canonical name) for a user's architecture name."""
-    import timm
-    name = ALIASES.get(arch, arch)
-    if name in TORCHVISION_ARCHS:
-        return "torchvision", name
-    if timm.is_model(name):
-        return "timm", name
-    raise UserError(f"unknown architecture {arch!r}: use a torchvision ResNet/ResNeXt "
-                    f"({', '.join(sorted(TORCHVISION_ARCHS))}) or a timm model name (timm.list_models())")
+def parse_args(argv=None):
+    p = cli.parser(__doc__)
+    cli.add_recipe(p)
+    cli.add_model_choice(p)
+    p.add_argument("--classes", type=int, default=196, help="number of classes (default: 196, Stanford Cars)")
+    args = p.parse_args(argv)
+    if args.classes < 2:
+        p.error(f"--classes must be at least 2, got {args.classes}")
+    return args
 
 
-def recipe_splitter(model):
-    """The recipe's three parameter groups for a ResNet body: stem to layer2, layer3-4, head."""
-    from fastai.torch_core import params
-    from fastcore.foundation import L
-    return L(model[0][:6], model[0][6:], model[1:]).map(params)
+def main(argv=None):
+    args = parse_args(argv)
+    where, raw = recipes.load(args.recipe)
+    recipe = recipes.resolve(raw, recipes.overrides(args), where)
+    from finegrained.models import describe_model  # here, not at the top: --help answers without importing torch
+    print("\n".join(describe_model(recipe, args.classes)))
 
 
-def splitter_for(arch):
-    """torchvision ResNets: the recipe's three groups; timm bodies: fastai's body/head split."""
-    from fastai.vision.learner import default_split
-    return recipe_splitter if resolve_arch(arch)[0] == "torchvision" else default_split
-
-
-def build_body(arch, pretrained=False):
-    """The backbone cut before its pooling: a torchvision ResNet's children, or fastai's TimmBody."""
-    from fastai.vision.learner import TimmBody, create_body
-    import timm
-    import torchvision
-    kind, name = resolve_arch(arch)
-    try:
-        if kind == "torchvision":  # fastai's model_meta lacks the ResNeXts, so the cut is set here
-            return create_body(getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None), cut=-2)
-        return TimmBody(timm.create_model(name, pretrained=pretrained, num_classes=0), pretrained)
-    except Exception as err:
-        if not pretrained:
-            raise
-        raise UserError(f"could not fetch ImageNet weights for {arch} ({type(err).__name__}: {str(err)[:200]}); "
-                        "pass a local file with --weights PATH, or train from scratch with --no-pretrained")
-
-
-def build_model(arch, n_out, pretrained=False, head="concat", head_options=None):
-    """nn.Sequential(body, head) (heads.make_head): model[0] is the backbone, model[1:] the head, as fastai's
-    splitters expect, so the head is always the last parameter group."""
-    if head not in HEADS:  # before building a backbone (and fetching its weights) for nothing
-        raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
-    return make_head(head, build_body(arch, pretrained), n_out, **(head_options or {}))
-
-
-def head_options(recipe):
-    """model.json's head_options for a resolved recipe: every option its head takes (heads.OPTIONS), its defaults
-    written out so that a later change of default cannot change how a saved model is rebuilt."""
-    from heads import OPTIONS
-    options = dict(OPTIONS.get(recipe["head"], {}))
-    if recipe["head"] == "bilinear":
-        options["reduce_ch"] = int(recipe["bilinear_dim"]) or None  # bilinear_dim 0: no 1x1 reduction
-    return options
-
-
-def head_args(recipe, boxes=True):
-    """create_learner's head keywords for a resolved recipe: `create_learner(dls, ..., **head_args(recipe))`, with
-    get_dls(..., head=recipe["head"]). `boxes=False`: a localize recipe's classification part alone (fastai's concat
-    head, DataLoaders without boxes), for checks about classes only (run.py --sanity)."""
-    if recipe["head"] == "localize" and not boxes:
-        return {"head": "concat", "head_options": {}}
-    return {"head": recipe["head"], "head_options": head_options(recipe), "box_loss": recipe["box_loss"],
-            "box_lambda": recipe["box_lambda"]}
-
-
-def body_blocks(model):
-    """The backbone's blocks in order, each a list of modules: a torchvision ResNet's residual blocks,
-    or timm's own grouping of its model into blocks (`group_matcher`)."""
-    body = model[0]
-    if hasattr(body, "model"):  # fastai's TimmBody
-        from timm.models import group_modules
-        named = dict(body.model.named_modules())
-        groups = group_modules(body.model, body.model.group_matcher(coarse=False))
-        return [[named[n] for n in names if n in named] for names in groups.values()]
-    return [[block] for layer in body[4:] for block in layer]
-
-
-def reinit_last_blocks(model, n):
-    """Re-initialize the backbone's last `n` blocks (the FGVC-Aircraft write-up's later phases); returns their parameters."""
-    blocks = body_blocks(model)
-    if not 1 <= n <= len(blocks):
-        raise UserError(f"blocks = {n}: this backbone has {len(blocks)} blocks to re-initialize")
-    modules = [m for block in blocks[-n:] for top in block for m in top.modules()]
-    for m in modules:
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return [p for m in modules for p in m.parameters(recurse=False)]
-
-
-def read_state_dict(path):
-    """Tensors from a .safetensors file or a torch file, never running pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such weights file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(f"{path}: not a weights file that can be loaded safely ({type(err).__name__}: {str(err)[:200]})")
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: does not hold a state dict of tensors")
-    return state
-
-
-def load_backbone_weights(model, arch, path):
-    """Load ImageNet-style backbone weights (a full torchvision or timm state dict) into `model[0]`."""
-    import torchvision
-    kind, name = resolve_arch(arch)
-    state = read_state_dict(path)
-    if kind == "torchvision":
-        full = getattr(torchvision.models, name)(weights=None)
-        try:
-            full.load_state_dict(state)
-        except RuntimeError as err:
-            raise UserError(f"{path}: these weights do not fit {name} ({str(err).splitlines()[0]})")
-        model[0].load_state_dict(nn.Sequential(*list(full.children())[:-2]).state_dict())
-    else:
-        missing, _ = model[0].model.load_state_dict(state, strict=False)
-        if missing:
-            raise UserError(f"{path}: these weights do not fit {name} (missing {len(missing)} tensors, e.g. {missing[0]})")
-
-
-def top5_accuracy(inp, targ):
-    from fastai.metrics import top_k_accuracy
-    return top_k_accuracy(inp, targ, k=min(5, inp.shape[-1]))
-
-
-LOSSES = {"ce": "CrossEntropyLossFlat", "smooth": "LabelSmoothingCrossEntropyFlat", "focal": "FocalLossFlat"}
-
-
-def make_loss(name):
-    import fastai.losses as losses
-    kwargs = {"smooth": dict(eps=0.1), "focal": dict(gamma=2.0)}.get(name, {})
-    return getattr(losses, LOSSES[name])(**kwargs)
-
-
-def make_opt(name="adam", mom=0.9, sqr_mom=0.99, eps=1e-5):
-    """fastai's optimizers: `adam` is AdamW (decoupled weight decay; beta1 `mom`, beta2 `sqr_mom`, `eps`); `sgd` is SGD
-    with momentum and L2 weight decay, as torch.optim.SGD and the write-ups that use it."""
-    from functools import partial
-    from fastai.optimizer import SGD, Adam
-    if name == "sgd":
-        return partial(SGD, mom=mom, decouple_wd=False)
-    return partial(Adam, mom=mom, sqr_mom=sqr_mom, eps=eps)
-
-
-def learner_args(recipe, stage, boxes=True):
-    """create_learner's keywords from a resolved recipe and the stage it starts with:
-    `create_learner(dls, **learner_args(recipe, stage))`; `boxes=False` as for head_args."""
-    return {"arch": recipe["arch"], "pretrained": recipe["pretrained"], "loss": recipe["loss"], "wd": stage["wd"],
-            "opt": stage["opt"], "mom": stage["mom"], "sqr_mom": stage["sqr_mom"], "eps": stage["eps"],
-            "wd_bn_bias": recipe["wd_bn_bias"], "train_bn": recipe["train_bn"], **head_args(recipe, boxes)}
-
-
-def is_localize_dls(dls):
-    """Whether `dls` yields (image, box, class), as data.get_dls(head="localize") builds them."""
-    return len(getattr(dls.train_ds, "tls", ())) == 3 and dls.n_inp == 1
-
-
-def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path=".",
-                   head="concat", opt="adam", mom=0.9, head_options=None, box_loss="smoothl1", box_lambda=1.0,
-                   sqr_mom=0.99, eps=1e-5, wd_bn_bias=False, train_bn=True):
-    """A fastai Learner: the backbone and head, the loss, the optimizer (AdamW by default; one-cycle cycles its beta1),
-    BatchNorm trained even when frozen (unless `train_bn=False`: then a frozen BatchNorm keeps its weights and, through
-    fastai's BnFreeze, its running statistics), weight decay on BatchNorm and biases only with `wd_bn_bias`, and the
-    body frozen when it starts from ImageNet weights.
-
-    head "localize" needs DataLoaders from data.get_dls(..., head="localize"); its loss is the class loss plus
-    box_lambda x the box loss (boxes.LocalizeLoss), and it logs accuracy, top-5, mean_iou and iou50 every epoch."""
-    from fastai.learner import Learner
-    from fastai.metrics import accuracy
-    from boxes import LocalizeLoss, localize_metrics
-    if (head == "localize") != is_localize_dls(dls):
-        raise UserError("--head localize needs DataLoaders with boxes: data.get_dls(..., head='localize')" if head == "localize"
-                        else f"head {head!r} classifies only, but these DataLoaders carry boxes (built for --head localize)")
-    model = build_model(arch, dls.c, pretrained=pretrained and weights is None, head=head, head_options=head_options)
-    if weights is not None:
-        load_backbone_weights(model, arch, weights)
-    if head == "localize":
-        loss_func, metrics = LocalizeLoss(make_loss(loss), box_loss, box_lambda), localize_metrics(top5_accuracy)
-    else:
-        loss_func, metrics = make_loss(loss), [accuracy, top5_accuracy]
-    from fastai.callback.training import BnFreeze
-    learn = Learner(dls, model, loss_func=loss_func, opt_func=make_opt(opt, mom, sqr_mom, eps), wd=wd, path=path,
-                    wd_bn_bias=wd_bn_bias, train_bn=train_bn, splitter=splitter_for(arch), metrics=metrics,
-                    cbs=[] if train_bn else [BnFreeze()])
-    if pretrained or weights is not None:
-        learn.freeze()
-    return learn
-
-
-# ---------------------------------------------------------------- trained models on disk
-
-def save_trained(model, folder, meta):
-    """Write model.safetensors and model.json into `folder`, each under a temporary name first."""
-    from safetensors.torch import save
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
-             for k, v in model.state_dict().items()}
-    with atomic(folder / WEIGHTS_FILE) as tmp:
-        tmp.write_bytes(save(state))  # through Python's write, so a full disk raises ENOSPC (cli.atomic's one line)
-    with atomic(folder / META_FILE) as tmp:
-        tmp.write_text(json.dumps(meta, indent=2))
-
-
-def load_trained(folder):
-    """(model in eval mode, metadata) from a folder written by save_trained."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such model folder (train one with run.py)")
-    for name in (META_FILE, WEIGHTS_FILE):
-        if not (folder / name).is_file():
-            raise UserError(f"{folder}: incomplete model folder, {name} is missing")
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-        arch, classes = meta["arch"], meta["classes"]
-        int(meta["image_size"])  # present and a number, or the model cannot be used
-    except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"{folder / META_FILE}: not a valid model description ({err})")
-    try:
-        state = load_file(str(folder / WEIGHTS_FILE))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{folder / WEIGHTS_FILE}: not a safetensors file, refusing to load it ({err})")
-    options = meta.get("head_options") or {}
-    if not isinstance(options, dict):
-        raise UserError(f"{folder / META_FILE}: head_options must be a JSON object, got {options!r}")
-    model = build_model(arch, len(classes), pretrained=False, head=meta.get("head", "concat"), head_options=options)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"{folder / WEIGHTS_FILE}: weights do not fit {arch} ({str(err).splitlines()[0]})")
-    return model.eval(), meta
+if __name__ == "__main__":
+    cli.run(main)

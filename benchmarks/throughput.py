@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 TRAIN_MODES = ("ceiling", "project", "plain", "loader", "loader_nodraft", "project_resized", "loader_resized")
 SCORE_MODES = ("score_project", "score_plain")
@@ -40,7 +40,7 @@ SCORE_MODES = ("score_project", "score_plain")
 def make_dataset(folder, n_images, n_classes, min_size, max_size):
     """A prepared dataset folder (train.csv, test.csv) of generated JPEGs."""
     import synth
-    from data import prepare
+    from finegrained.prepare.dataset import prepare
     samples = synth.make_samples(n_classes, min_size=min_size, max_size=max_size, seed=0, totals=(n_images, n_classes))
     synth.write_layout(samples, folder / "source", "original", n_classes)
     return prepare("cars", folder / "data", [folder / "source"])
@@ -82,7 +82,7 @@ def peak_mib(device):
 
 def run_ceiling(args, size, bs, device, compiled=False):
     import torch
-    from models import build_model
+    from finegrained.models import build_model
     model = build_model(args.arch, args.classes).to(device)
     cuda = device.type == "cuda"
     if cuda:
@@ -105,15 +105,15 @@ def run_ceiling(args, size, bs, device, compiled=False):
 
 
 def resized_folder(args):
-    from prepare.resize import folder_name
+    from finegrained.prepare.resize import folder_name
     return Path(args.data) / folder_name(args.resize_px)
 
 
 def run_project(args, size, bs, device, folder=None):
     from fastai.callback.core import Callback, CancelFitException
-    from data import get_dls
-    from models import create_learner
-    from train import show_bars, use_device
+    from finegrained.data import get_dls
+    from finegrained.models import create_learner
+    from finegrained.train import show_bars, use_device
     dls = get_dls(Path(folder or args.data) / "train.csv", size, bs, workers=args.workers)
     learn = create_learner(dls, args.arch, pretrained=False)
     use_device(learn)
@@ -136,7 +136,7 @@ def run_loader(args, size, bs, device, draft=True, folder=None):
     The batch augmentation is left out: in training it runs on the GPU where there is one (and is
     inside `project` everywhere)."""
     from fasttransform import Pipeline
-    from data import get_dls
+    from finegrained.data import get_dls
     dls = get_dls(Path(folder or args.data) / "train.csv", size, bs, workers=args.workers, draft=draft, device=device)
     dls.train.after_batch = Pipeline([])
     timer = Timer(args.warmup, args.steps, bs, device)
@@ -169,7 +169,7 @@ def plain_dataset(args, size, train):
 
 
 def workers(args):
-    from data import default_workers
+    from finegrained.images import default_workers
     return default_workers() if args.workers is None else args.workers
 
 
@@ -194,17 +194,14 @@ def run_plain(args, size, bs, device):
 
 def run_score_project(args, size, bs, device):
     """test.py's path: load the saved model, inference_dl, fastai get_preds over the whole test set."""
-    import importlib.util
     import pandas as pd
-    from models import build_model, load_trained, save_trained
+    from finegrained.models import build_model, load_trained, save_trained
     model_dir = Path(args.data).parent / f"model_{size}"
     classes = [{"id": i + 1, "name": str(i + 1)} for i in range(args.classes)]
     save_trained(build_model(args.arch, args.classes), model_dir,
                  {"arch": args.arch, "classes": classes, "image_size": size,
                   "normalize": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}})
-    spec = importlib.util.spec_from_file_location("holdout", ROOT / "test.py")
-    holdout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(holdout)
+    from finegrained import holdout
     model, meta = load_trained(model_dir)
     df = pd.read_csv(Path(args.data) / "test.csv")[["filename"]]
     holdout.predict(model, meta, df.head(bs), args.data, bs, workers=args.workers)  # warm-up
@@ -280,7 +277,7 @@ def main():
             print(f"generating {args.images} JPEGs of {args.min_px}-{args.max_px} px, {args.classes} classes", file=sys.stderr)
             args.data = str(make_dataset(Path(tmp), args.images, args.classes, args.min_px, args.max_px))
         if any(m.endswith("_resized") for m in args.modes.split(",")):
-            from prepare.resize import resize_copy
+            from finegrained.prepare.resize import resize_copy
             resize_copy(args.data, args.resize_px, args.workers)
         results = []
         for size, bs in zip(sizes, args.bs):

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tools"))
 
 import synth  # noqa: E402
 
@@ -42,14 +42,14 @@ def layouts(samples, tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared(layouts, tmp_path_factory):
     """A prepared Stanford-Cars-format dataset folder (train.csv, test.csv)."""
-    from data import prepare
+    from finegrained.prepare.dataset import prepare
     return prepare("cars", tmp_path_factory.mktemp("prepared"), [layouts["original"]])
 
 
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory):
     """A run folder of run.py: resnet18 from scratch, all three stages, tiny sizes."""
-    import run
+    from finegrained import runner as run
     out = tmp_path_factory.mktemp("runs") / "tiny"
     run.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--epochs", "2,4,2",
               "--sizes", "48,64", "--bs", "16,16", "--workers", "0", "--out", str(out)])

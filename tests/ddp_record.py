@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cli  # noqa: E402
-import run  # noqa: E402
+from finegrained import cli  # noqa: E402
+from finegrained import runner as run  # noqa: E402
 from fastai.callback.core import Callback  # noqa: E402
 from fastai.learner import Learner  # noqa: E402
 

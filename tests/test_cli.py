@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import cli
-from cli import RunFailed, UserError, atomic, folder_lock
+from finegrained import cli
+from finegrained.errors import RunFailed, UserError
+from finegrained.files import atomic, folder_lock
+from conftest import ROOT
 
 
 def test_atomic_writes_under_a_name_of_this_process_and_renames_when_whole(tmp_path):
@@ -44,7 +46,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_keeps_the_old_file(tmp_pa
 
 def test_a_checkpoint_write_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
     import torch
-    import train
+    from finegrained import train
     monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))))
     with pytest.raises(UserError, match="no space left on device"):
@@ -54,8 +56,8 @@ def test_a_checkpoint_write_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
 
 def hold(folder):
     """A separate process holding `folder`'s lock until it is killed; returns it once the lock is taken."""
-    code = f"import cli, time\nwith cli.folder_lock({str(folder)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(cli.__file__).parent, stdout=subprocess.PIPE, text=True)
+    code = f"import time\nfrom finegrained import files\nwith files.folder_lock({str(folder)!r}):\n    print('held', flush=True)\n    time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -95,7 +97,7 @@ def test_no_tracked_file_points_outside_the_repository():
     """A user who clones the project has only the project: docs and comments cite public sources, never a path
     outside it (the team's notes, the write-ups' copies)."""
     import re
-    root = Path(cli.__file__).resolve().parent
+    root = ROOT
     tracked = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
     assert "README.md" in tracked, "run from a git checkout: the tracked files are what a user clones"
     outside = re.compile(r"\.\./shared|\bseeds/\d|REFERENCE\.md")

@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from cli import UserError
+from finegrained.errors import UserError
 from conftest import run_script, save_stored_as, upright_photo
-from data import BOX_MARGIN, IMAGENET_STATS, eval_dl, get_dls, open_image, read_table
+from finegrained.data import IMAGENET_STATS, eval_dl, get_dls
+from finegrained.images import BOX_MARGIN, open_image
+from finegrained.prepare.tables import read_table
 
 
 def test_batches_have_the_requested_shape(prepared):
@@ -60,7 +62,7 @@ def test_draft_decoding_keeps_enough_pixels(tmp_path):
 
 
 def test_crop_bbox_needs_boxes(layouts, tmp_path):
-    from data import prepare
+    from finegrained.prepare.dataset import prepare
     dest = prepare("cars", tmp_path, [layouts["class_folders"]])
     with pytest.raises(UserError, match="needs bounding boxes"):
         get_dls(dest / "train.csv", size=32, bs=4, crop_bbox=True, workers=0)

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import distributed
-from cli import UserError
+from finegrained import distributed
+from finegrained.errors import UserError
 
 LAUNCH_VARS = (*distributed.SIZE_VARS, *distributed.RANK_VARS, *distributed.LOCAL_RANK_VARS, *distributed.LOCAL_SIZE_VARS,
                "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_MIXED_PRECISION")

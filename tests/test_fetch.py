@@ -12,8 +12,8 @@ import zipfile
 
 import pytest
 
-from cli import UserError
-from prepare.fetch import DownloadError, Remote, download, extract
+from finegrained.errors import UserError
+from finegrained.prepare.fetch import DownloadError, Remote, download, extract
 
 
 class Server:
@@ -177,8 +177,8 @@ def test_a_download_in_a_log_shows_a_bounded_number_of_progress_lines(server, tm
 
 
 def test_on_a_terminal_a_download_shows_a_fastprogress_bar(server, tmp_path, capsys, monkeypatch):
-    import prepare.progress
-    monkeypatch.setattr(prepare.progress, "_terminal", lambda: True)
+    from finegrained.prepare import progress
+    monkeypatch.setattr(progress, "_terminal", lambda: True)
     s = server({"/big.bin": PAYLOAD * 3})
     download(Remote(f"{s.url}/big.bin", "big.bin"), tmp_path)
     captured = capsys.readouterr()
@@ -200,8 +200,8 @@ def _targz(folder):
 
 
 def test_prepare_falls_back_from_a_dead_source(server, layouts, tmp_path, capsys):
-    from data import prepare
-    from prepare.tables import COLUMNS
+    from finegrained.prepare.dataset import prepare
+    from finegrained.prepare.tables import COLUMNS
     import pandas as pd
     archive = _targz(layouts["original"])
     s = server({"/mirror/cars.tgz": archive})
@@ -222,7 +222,7 @@ def test_prepare_falls_back_from_a_dead_source(server, layouts, tmp_path, capsys
 
 
 def test_every_source_failing_names_them_all(server, tmp_path):
-    from data import prepare
+    from finegrained.prepare.dataset import prepare
     s = server({})
     remotes = {"first": [Remote(f"{s.url}/a.tgz", "a.tgz")], "second": [Remote(f"{s.url}/b.tgz", "b.tgz")]}
     with pytest.raises(UserError) as err:

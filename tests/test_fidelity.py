@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 import torch
 
-import recipe as recipes
+from finegrained import recipe as recipes
 
 TABLES = Path(recipes.RECIPES) / "fidelity"
 GRID = np.linspace(0.0, 1.0, 2001)  # positions in a fit at which the schedule is read
@@ -214,7 +214,7 @@ def fidelity_callback(stage_name, store):
     from fastai.callback.core import Callback
     from fastai.callback.schedule import ParamScheduler
     from fastai.callback.tracker import EarlyStoppingCallback
-    import train
+    from finegrained import train
 
     class Fidelity(Callback):
         order = ParamScheduler.order + 1  # each batch, after the scheduler has set that batch's hyper-parameters
@@ -247,8 +247,8 @@ def fidelity_callback(stage_name, store):
 
 def record_run(name, data, out, monkeypatch):
     """Train recipe `name` scaled down as RUNS says; returns ({stage name: record}, the recipe file resolved)."""
-    import run
-    import train
+    from finegrained import runner as run
+    from finegrained import train
     store = {}
     fit_stage = train.fit_stage
 
@@ -518,7 +518,8 @@ def test_the_balanced_sampler_draws_every_class_equally_after_the_validation_spl
     """balance=True with a validation split: the training loader's draws give each class 1/C of the samples (within 2
     points), on a set whose classes have 30, 20, 10 and 5 images."""
     from fastai.torch_core import set_seed
-    from data import get_dls, read_table as read_csv
+    from finegrained.data import get_dls
+    from finegrained.prepare.tables import read_table as read_csv
     df = read_csv(prepared / "train.csv")
     keep = {1: 30, 2: 20, 3: 10, 4: 5}
     uneven = pd.concat([df[df["class_id"] == c].head(n) for c, n in keep.items()], ignore_index=True)

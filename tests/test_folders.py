@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cli import UserError
+from finegrained.errors import UserError
 from conftest import run_script
-from data import prepare
+from finegrained.prepare.dataset import prepare
 
 CLASSES = ["Zephyr (2019)", "alpha & omega", "Mid/Size? no", "beta 2"]  # spaces, punctuation, mixed case
 
@@ -120,11 +120,11 @@ def test_broken_link_in_a_class_folder_is_named(tmp_path):
 
 @pytest.mark.parametrize("pct", ["0.2", "0.6"])  # 0.6 of 1 image once rounded to a class in test only
 def test_a_class_left_out_of_a_split_is_named_in_the_summary(tmp_path, capsys, pct):
-    import data
+    from finegrained.prepare import dataset
     src = make_folders(tmp_path / "src", per_class=(4, 0), split=False)
     for extra in sorted((src / "beta 2").iterdir())[1:]:
         extra.unlink()  # "beta 2" has 1 image left
-    data.main(["--dataset", "folders", "--source", str(src), "--name", "n", "--root", str(tmp_path), "--test-pct", pct])
+    dataset.main(["--dataset", "folders", "--source", str(src), "--name", "n", "--root", str(tmp_path), "--test-pct", pct])
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert notes == ["note: 1 class has no test images and is in train only: 'beta 2' (1 image)"]
     train, test = pd.read_csv(tmp_path / "n" / "train.csv"), pd.read_csv(tmp_path / "n" / "test.csv")
@@ -174,7 +174,7 @@ def test_bad_inputs_are_one_clear_line_each(tmp_path):
 
 
 def test_imported_folders_train(tmp_path):
-    import run
+    from finegrained import runner as run
     src = make_folders(tmp_path / "src", per_class=(8, 3))
     dest = prepare("folders", tmp_path / "data", [src], name="mine")
     run.main(["--data", str(dest), "--recipe", "resnets_sgd", "--arch", "resnet18", "--no-pretrained", "--epochs", "1",

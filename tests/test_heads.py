@@ -7,13 +7,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from boxes import (LocalizeLoss, frame_to_devkit, giou, iou, localize_block, localize_metrics, require_boxes,
+from finegrained.boxes import (LocalizeLoss, frame_to_devkit, giou, iou, localize_block, localize_metrics, require_boxes,
                    resize_window)
-from cli import UserError
-from heads import BilinearPool, bilinear_head, make_head
+from finegrained.errors import UserError
+from finegrained.heads import BilinearPool, bilinear_head, make_head
 
 N_CLASSES = 2
 COLOURS = [(255, 255, 255), (255, 255, 0)]  # class 1 white, class 2 yellow: learnable, and bright on the noise
@@ -131,7 +130,7 @@ def test_predicted_box_corners_are_ordered():
 def test_box_head_starts_at_the_prior_and_sees_where_things_are(backbone):
     """An untrained box head predicts BOX_PRIOR for any image (the last layer starts at zero weights); its pooled grid
     keeps the layout, so a feature map and its mirror image give different boxes, where a global pool could not."""
-    from heads import BOX_PRIOR
+    from finegrained.heads import BOX_PRIOR
     torch.manual_seed(0)
     model = make_head("localize", BODIES[backbone](), 3).eval()
     with torch.no_grad():
@@ -259,7 +258,7 @@ def test_localize_loss_adds_weighted_box_loss(cls_name, box_loss):
 
 
 def test_localize_metrics_on_hand_made_boxes():
-    from boxes import accuracy_loc, iou50, mean_iou
+    from finegrained.boxes import accuracy_loc, iou50, mean_iou
     target = torch.tensor([[[-1.0, -1.0, 0.0, 0.0]]] * 5)  # (bs, 1, 4), area 1
     box = torch.tensor([[-1.08, -1.0, 0.0, 0.0],  # past the frame: clipped, IoU 1
                         [-1.0, -1.0, 0.0, 0.0],   # identical: 1
@@ -335,7 +334,7 @@ def test_augmentation_keeps_the_box_on_the_rectangle(tmp_path):
     tfms = aug_transforms(max_rotate=0, max_warp=0, max_lighting=0, max_zoom=1.4, p_affine=1.0)
     dls = localize_block(Reader(tmp_path), 48, tfms).dataloaders(df, bs=16, num_workers=0)
     imgs, boxes, _ = dls.train.one_batch()
-    from boxes import in_frame
+    from finegrained.boxes import in_frame
     overlap = iou(torch.stack([bright_box(im) for im in imgs]), in_frame(boxes))
     assert overlap.min() > 0.85, overlap
     assert (boxes[:, 0, 0] > boxes[:, 0, 2]).sum() == 0

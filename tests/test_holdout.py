@@ -4,7 +4,6 @@ file carrying pickled code is refused without running it.
 Models built by hand (no training) pin what the scores are about: labels matched by class id or name
 for ids that are not 1..N, per-class accuracy and the confusion matrix by true class, and box crops
 with the model's own margin on photos as displayed."""
-import importlib.util
 import json
 import pickle
 import re
@@ -16,12 +15,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cli import UserError
-from conftest import PickleBomb, ROOT, run_script
+from finegrained.errors import UserError
+from conftest import PickleBomb, run_script
 
-spec = importlib.util.spec_from_file_location("holdout", ROOT / "test.py")  # `import test` would be the stdlib's
-holdout = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(holdout)
+from finegrained import holdout
 
 
 def score(capsys, *args):
@@ -164,7 +161,7 @@ def model_folder(folder, classes, size=32, favourite=None, **meta):
     """A model folder as run.py writes it, for `classes` [(id, name), ...]; with `favourite`, the model
     predicts that output index for every image (its last layer's weights zeroed, its bias pointing there)."""
     import torch
-    from models import build_model, save_trained
+    from finegrained.models import build_model, save_trained
     torch.manual_seed(0)
     model = build_model("resnet18", len(classes))
     if favourite is not None:  # the head ends BatchNorm1d, Dropout, Linear (no bias): make the first give ones
@@ -271,7 +268,7 @@ def test_written_per_class_csv_and_confusion_png_hold_the_hand_counts(tmp_path, 
 @pytest.fixture
 def scoring_batches(monkeypatch):
     """The loaders test.py scores with (data.inference_dl's second result), kept for the test to read."""
-    import data
+    from finegrained import data
     seen, real = [], data.inference_dl
 
     def spy(*args, **kwargs):
@@ -416,7 +413,7 @@ def test_out_that_is_a_folder_stops_with_one_line(numeric_classes, tmp_path):
 
 def test_heatmap_and_top_loss_panels_show_the_rows_their_captions_name(tmp_path, monkeypatch, capsys):
     """Each image is one solid colour: a panel's pixels say which row it shows, its caption which row it names."""
-    import explain
+    from finegrained import explain
     drawn, grid = {}, explain._grid
 
     def spy(cells, columns, path, title):

@@ -2,7 +2,6 @@
 safetensors + JSON and scores as run.py did; a localize model's boxes, mapped back to the original pixels, beat a fixed
 centred box by far; test.py --localizer crops a --crop-bbox model's images with the boxes a localizer predicts; bad
 combinations stop with one line; the two new recipes run scaled down. Box scores are recomputed here with numpy."""
-import importlib.util
 import json
 import re
 
@@ -12,13 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-import run
-from cli import UserError
-from conftest import ROOT, run_script
+from finegrained import runner as run
+from finegrained.errors import UserError
+from conftest import run_script
 
-spec = importlib.util.spec_from_file_location("holdout", ROOT / "test.py")  # `import test` would be the stdlib's
-holdout = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(holdout)
+from finegrained import holdout
 
 TINY = ["--no-pretrained", "--workers", "0"]
 BOX = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
@@ -144,9 +141,9 @@ def test_each_head_trains_reloads_through_test_py_and_scores_above_chance(head, 
 
 
 def test_the_bilinear_head_is_the_last_parameter_group_and_its_sizes(prepared):
-    from data import get_dls
-    from models import create_learner
-    from heads import BilinearPool
+    from finegrained.data import get_dls
+    from finegrained.models import create_learner
+    from finegrained.heads import BilinearPool
     learn = create_learner(get_dls(prepared / "train.csv", size=32, bs=8, workers=0), "resnet18", pretrained=False,
                            head="bilinear", head_options={"reduce_ch": 16})
     groups = learn.splitter(learn.model)
@@ -238,7 +235,7 @@ def test_draw_boxes_draws_the_csvs_true_boxes_and_the_report_shows_them(layout, 
 @pytest.fixture
 def scoring_batches(monkeypatch):
     """The loaders test.py scores with (data.inference_dl's second result), kept for the test to read."""
-    import data
+    from finegrained import data
     seen, real = [], data.inference_dl
 
     def spy(*args, **kwargs):
@@ -250,7 +247,7 @@ def scoring_batches(monkeypatch):
 
 
 def test_localizer_boxes_crop_for_a_crop_bbox_model(localizer, boxes_data, tmp_path, scoring_batches, capsys):
-    from data import inference_dl
+    from finegrained.data import inference_dl
     crop_run = tmp_path / "crop"
     train(boxes_data, crop_run, "--arch", "resnet18", "--crop-bbox", "--epochs", "0,2,0", "--sizes", "32,32", "--bs", "16,16")
     meta = json.loads((crop_run / "model.json").read_text())
@@ -285,7 +282,7 @@ def test_localizer_boxes_crop_for_a_crop_bbox_model(localizer, boxes_data, tmp_p
 
 def hand_made(folder, head, class_ids, **meta):
     """A model folder as run.py writes it, not trained."""
-    from models import build_model, save_trained
+    from finegrained.models import build_model, save_trained
     save_trained(build_model("resnet18", len(class_ids), head=head), folder,
                  {"arch": "resnet18", "head": head, "classes": [{"id": i, "name": f"c{i}"} for i in class_ids],
                   "image_size": 32, "normalize": {"mean": [0.0] * 3, "std": [1.0] * 3}, **meta})
@@ -337,10 +334,10 @@ def test_localize_needs_boxes_and_whole_images(prepared, tmp_path):
 
 def test_head_flags_reach_the_learner_and_model_json(prepared):
     """--head/--bilinear-dim/--box-loss/--box-lambda: recipe keys, then models.head_args, then the Learner."""
-    import recipe as recipes
-    from boxes import LocalizeLoss
-    from data import get_dls
-    from models import create_learner, head_args
+    from finegrained import recipe as recipes
+    from finegrained.boxes import LocalizeLoss
+    from finegrained.data import get_dls
+    from finegrained.models import create_learner, head_args
     args = run.parse_args(["--head", "localize", "--box-loss", "giou", "--box-lambda", "2.5", "--bilinear-dim", "0"])
     resolved = recipes.resolve(recipes.load()[1], recipes.overrides(args))
     assert (resolved["head"], resolved["box_loss"], resolved["box_lambda"], resolved["bilinear_dim"]) == ("localize", "giou", 2.5, 0)
@@ -360,7 +357,8 @@ def test_head_flags_reach_the_learner_and_model_json(prepared):
 def test_balanced_localize_batches_sample_classes_evenly_with_their_boxes(prepared):
     """--balance for localize: fastai's weighted_dataloaders drops BBoxBlock's collation, get_dls passes ours. The
     box of every sampled image is where the squash resize puts it, computed here by hand."""
-    from data import get_dls, read_table
+    from finegrained.data import get_dls
+    from finegrained.prepare.tables import read_table
     from fastai.torch_core import set_seed
     df = read_table(prepared / "train.csv")
     keep = df[df["class_id"] != 1].index.tolist() + df[df["class_id"] == 1].index[:5].tolist()  # class 1: 5 of 35
@@ -387,7 +385,7 @@ def test_balanced_localize_batches_sample_classes_evenly_with_their_boxes(prepar
 def test_squash_resizes_the_whole_image(tmp_path):
     """resize = "squash" (recipes resnets_sgd, resnet50_448_ls, bcnn_aircraft) is fastai's "squish": the whole image
     squeezed to the square. fastai takes any other name for a centre crop, which it did before data.fastai_resize."""
-    from data import inference_dl
+    from finegrained.data import inference_dl
     a = np.zeros((40, 80, 3), np.uint8)
     a[:, :20] = 255  # the left quarter white: a centre square crop would show none of it
     Image.fromarray(a).save(tmp_path / "wide.png")

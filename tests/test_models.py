@@ -10,12 +10,13 @@ import torchvision
 from fastai.callback.progress import ProgressCallback
 from torch import nn
 
-from cli import UserError
+from finegrained.errors import UserError
 from conftest import PickleBomb
-from data import get_dls, read_table
-from models import (create_learner, load_trained, read_state_dict, resolve_arch,
+from finegrained.data import get_dls
+from finegrained.prepare.tables import read_table
+from finegrained.models import (create_learner, load_trained, read_state_dict, resolve_arch,
                     save_trained)
-from train import group_lrs, n_groups
+from finegrained.train import group_lrs, n_groups
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,26 @@ def test_saved_model_round_trips_without_pickle(dls, tmp_path):
 
 def test_loss_choices():
     from fastai.losses import CrossEntropyLossFlat, FocalLossFlat, LabelSmoothingCrossEntropyFlat
-    from models import make_loss
+    from finegrained.models import make_loss
     assert isinstance(make_loss("ce"), CrossEntropyLossFlat)
     assert isinstance(make_loss("smooth"), LabelSmoothingCrossEntropyFlat) and make_loss("smooth").func.eps == 0.1
     assert isinstance(make_loss("focal"), FocalLossFlat) and make_loss("focal").func.gamma == 2.0
+
+
+def test_models_py_counts_each_parameter_group_as_torchvision_builds_it(capsys):
+    """models.py: the published recipe's ResNeXt50 has torchvision's body (its parameters less the 1000-class fc) in the
+    first two groups, fastai's concat head for 196 classes in the last; the frozen stage trains the head and BatchNorm."""
+    import torchvision
+    import models as models_script
+    models_script.main([])
+    lines = capsys.readouterr().out.splitlines()
+    groups = [float(line.split(":")[1].split()[0]) for line in lines if line.startswith("  group ")]
+    tv = torchvision.models.resnext50_32x4d()
+    body = sum(p.numel() for p in tv.parameters()) - sum(p.numel() for p in tv.fc.parameters())
+    assert len(groups) == 3 and abs((groups[0] + groups[1]) * 1e6 - body) < 0.01e6
+    # fastai's concat head: BatchNorm(4096), Linear(4096, 512), BatchNorm(512), Linear(512, 196), the linears without bias
+    head = 2 * 4096 + 4096 * 512 + 2 * 512 + 512 * 196
+    assert abs(groups[2] * 1e6 - head) < 0.01e6
+    bn = sum(p.numel() for m in tv.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    frozen = next(line for line in lines if line.startswith("stage frozen"))
+    assert f"({(head + bn) / 1e6:.2f} M)" in frozen

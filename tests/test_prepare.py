@@ -10,9 +10,9 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from cli import UserError
+from finegrained.errors import UserError
 from conftest import N_CLASSES, run_script
-from data import prepare
+from finegrained.prepare.dataset import prepare
 
 
 def content(dest, with_boxes=True):
@@ -171,6 +171,6 @@ def test_kaggle_copy_with_a_stray_cars_annos_uses_the_devkit(layouts, prepared, 
 
 
 def test_the_image_check_reads_photos_as_cameras_save_them(photos):
-    from prepare.tables import check_image, image_problems
+    from finegrained.prepare.tables import check_image, image_problems
     assert {name: check_image(path) for name, (path, _, _) in photos.items()} == {name: None for name in photos}
     assert image_problems([path for path, _, _ in photos.values()], workers=1, label="checking") == [None] * len(photos)

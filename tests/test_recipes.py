@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import torch
 
-import recipe as recipes
-import run
-from cli import UserError
+from finegrained import recipe as recipes
+from finegrained import runner as run
+from finegrained.errors import UserError
 from conftest import run_script
 
 TINY = ["--no-pretrained", "--workers", "0"]
@@ -126,9 +126,9 @@ def test_early_stopping_ends_the_stage_on_validation_loss(prepared, tmp_path):
 
 
 def test_reinit_stage_trains_only_the_last_blocks_and_the_head(prepared):
-    from data import get_dls
-    from models import body_blocks, create_learner
-    from train import Stage, set_trainable
+    from finegrained.data import get_dls
+    from finegrained.models import body_blocks, create_learner
+    from finegrained.train import Stage, set_trainable
     learn = create_learner(get_dls(prepared / "train.csv", size=32, bs=8, workers=0), "resnet18", pretrained=False)
     before = {n: p.detach().clone() for n, p in learn.model.named_parameters()}
     set_trainable(learn, Stage("phase2", 1, 32, 8, 1e-3, train="reinit", blocks=2), starting=True)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import explain
-import plots
-import report
-from cli import UserError
-from models import build_model
+from finegrained import explain
+from finegrained import plots
+from finegrained import report
+from finegrained.errors import UserError
+from finegrained.models import build_model
 
 STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 RECIPE = [("frozen", 20, 224, "0.00111;0.00333;0.01"), ("unfrozen", 40, 224, "0.000333;0.001;0.003"),

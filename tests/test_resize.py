@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cli import UserError
+from finegrained.errors import UserError
 from conftest import run_script, save_stored_as
-from data import BOX_COLUMNS, BOX_MARGIN, box_region, get_dls, open_image, prepare
-from prepare.resize import resize_copy
+from finegrained.data import get_dls
+from finegrained.images import BOX_COLUMNS, BOX_MARGIN, box_region, open_image
+from finegrained.prepare.dataset import prepare
+from finegrained.prepare.resize import resize_copy
 
 
 @pytest.fixture

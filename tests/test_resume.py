@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-import plots
-import run
-import train
-from cli import RunFailed, UserError
+from finegrained import files
+from finegrained import runner as run
+from finegrained import train
+from finegrained.errors import RunFailed, UserError
 from conftest import run_script
 from test_cli import hold
 
@@ -33,7 +33,7 @@ class Killed(BaseException):
 def count_writes(monkeypatch, kill_at=None):
     """Record the name of every file the epoch callbacks write, in order; with `kill_at`, die before that write."""
     log = []
-    for module in (train, plots):
+    for module in (train, files):  # the checkpoint and history.csv; progress.json and the curves (files.write_json, save_png)
         real = module.atomic
 
         @contextlib.contextmanager
@@ -124,7 +124,7 @@ def test_a_second_run_into_a_held_folder_is_one_line_naming_the_holder(prepared,
 
 
 def test_a_diverged_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(prepared, tmp_path, monkeypatch):
-    import models
+    from finegrained import models
     real = models.create_learner
 
     def diverging(*args, **kwargs):  # the loss turns non-finite in the second epoch, as a too-high lr makes it

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import run
-from cli import UserError
+from finegrained import runner as run
+from finegrained.errors import UserError
 from conftest import N_CLASSES, ROOT, run_script
 
 
@@ -237,3 +237,23 @@ def test_a_default_folder_refused_before_its_first_write_is_not_left_behind(tmp_
     with pytest.raises(UserError, match="missing column"):
         run.main(["--data", str(bad)])
     assert not (tmp_path / "runs" / "fastai_resnext50-resnext50_32x4d-bad").exists()
+
+
+def test_train_py_trains_the_stages_and_scores_nothing_on_the_test_set(prepared, tmp_path, capsys, monkeypatch):
+    """train.py: run.py's run without the test set's score. The model it saves is the one test.py then scores."""
+    import train as train_script
+    from finegrained import holdout
+    scored = []
+    monkeypatch.setattr(run, "score", lambda *a, **k: scored.append(a) or {})
+    out = tmp_path / "t"
+    train_script.main(["--data", prepared, "--arch", "resnet18", "--no-pretrained", "--epochs", "0,1,0", "--sizes", "32,32",
+                       "--bs", "16,16", "--workers", "0", "--out", out])
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert scored == [] and not any(k.startswith("test_") for k in metrics)
+    assert f"python test.py --model {out}" in printed and "test accuracy" not in printed
+    assert len(pd.read_csv(out / "history.csv")) == 1 and (out / "model.safetensors").is_file()
+    holdout.main([str(a) for a in ("--model", out, "--folder", prepared, "--csv", prepared / "test.csv",
+                                   "--out", tmp_path / "p.csv", "--workers", 0)])
+    preds = pd.read_csv(tmp_path / "p.csv")
+    assert len(preds) == len(pd.read_csv(prepared / "test.csv"))

@@ -11,11 +11,13 @@ from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 
-import sanity
+from finegrained import sanity
 import synth
 from conftest import N_CLASSES
-from data import get_dls, prepare, read_table
-from models import build_model
+from finegrained.data import get_dls
+from finegrained.prepare.dataset import prepare
+from finegrained.prepare.tables import read_table
+from finegrained.models import build_model
 
 SIZE, BS, EPOCHS, LR = 32, 10, 20, 1e-2   # about 5 s for the overfit check on 2 CPU cores
 

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cli import UserError
+from finegrained.errors import UserError
 from conftest import run_script
-from data import check_table_images
-from prepare.tables import SHOWN, problems_error
+from finegrained.prepare.tables import check_table_images
+from finegrained.prepare.tables import SHOWN, problems_error
 
 # (dataset, generated layout, extra flags, where each split's images are in that layout)
 CASES = {"cars": ("cars", "original", [], {"train": "cars_train/*.jpg", "test": "cars_test/*.jpg"}),

@@ -16,8 +16,8 @@ from fastai.learner import Learner
 from fastai.metrics import accuracy
 from torch.utils.data import TensorDataset
 
-import trackers
-from cli import UserError
+from finegrained import trackers
+from finegrained.errors import UserError
 from conftest import ROOT
 
 RECIPE = {"arch": "resnet18", "epochs": [2, 1, 0], "lr": [0.01, 0.003], "stages": [{"name": "frozen", "epochs": 2}]}

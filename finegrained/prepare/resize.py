@@ -17,9 +17,13 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from cli import UserError, atomic
+from finegrained.errors import UserError
+
+from finegrained.files import atomic
+from finegrained.images import BOX_COLUMNS, BOX_MARGIN, box_region, default_workers, load_image, upright_size
 
 from .progress import track
+from .tables import SPLITS, read_table, tables_exist
 
 MIN_SIDE = 32
 SAVE_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "PNG": "PNG", "WEBP": "WEBP", "BMP": "BMP", "TIFF": "TIFF"}
@@ -49,7 +53,6 @@ def shrink_one(job):
     image that needs no shrinking is linked as it is, tag and all: every reader applies the tag.
     Returns (shrunk, box): whether it was shrunk, and its box on the copy (None when it has none);
     or a one-line error."""
-    from data import BOX_MARGIN, box_region, load_image, upright_size
     source, target, box, short_side = job
     has_box = box is not None and not any(pd.isna(v) for v in box)
     try:
@@ -80,8 +83,6 @@ def resize_copy(folder, short_side, workers=None):
     """Write `<folder>/resized_<short_side>/` with train.csv, test.csv and the shrunk images; return that folder.
 
     Interrupted runs resume: images already written are kept, and the CSVs are written last."""
-    from data import BOX_COLUMNS, default_workers, read_table
-    from prepare.tables import SPLITS, tables_exist
     folder = Path(folder)
     dest = folder / folder_name(short_side)
     if tables_exist(dest):

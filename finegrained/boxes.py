@@ -11,14 +11,20 @@ Written here: the single-box collation, the loss that adds a box term to any cla
 inverse of fastai's validation Resize (fastai has none) to put a prediction back on the original image."""
 import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from fastai.metrics import accuracy
+from fastai.vision.all import (BBoxBlock, CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, PadMode,
+                               Resize)
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
-from cli import UserError
+from finegrained.errors import UserError
+from finegrained.images import BOX_COLUMNS, image_sizes
+from finegrained.recipe import CHOICES, RESIZE
 
-BOX_COLUMNS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
-BOX_LOSSES = ("smoothl1", "giou")
-RESIZE_METHODS = ("crop", "squish", "pad")
+BOX_LOSSES = CHOICES["box_loss"]
+RESIZE_METHODS = tuple(RESIZE.values())  # fastai's names: the frames follow fastai's Resize
 
 
 # ---------------------------------------------------------------- IoU and GIoU (torchvision.ops)
@@ -30,14 +36,12 @@ def _plain(t):
 
 def iou(a, b):
     """IoU of each box in `a` with the box at the same index of `b` ((N, 4) each)."""
-    from torchvision.ops import box_iou
     return box_iou(_plain(a), _plain(b)).diagonal()  # torchvision has only the pairwise form; N is a batch, so N*N is small
 
 
 def giou(a, b):
     """Generalized IoU (Rezatofighi et al. 2019) of each pair of boxes: IoU minus the share of the smallest
     enclosing box that neither covers; 1 for identical boxes, towards -1 for distant ones."""
-    from torchvision.ops import generalized_box_iou_loss
     return 1 - generalized_box_iou_loss(_plain(a), _plain(b))
 
 
@@ -103,7 +107,6 @@ def on_logits(metric):
 
 
 def _accuracy(inp, targ):
-    from fastai.metrics import accuracy
     return accuracy(inp, targ)
 
 
@@ -178,21 +181,9 @@ def devkit_iou(pred, true):
     return iou(edges(pred), edges(true))
 
 
-def image_sizes(paths):
-    """(width, height) of each image as viewers show it (EXIF orientation applied), read from the header alone."""
-    from PIL import Image
-    from data import upright_size
-    sizes = []
-    for path in paths:
-        with Image.open(path) as im:
-            sizes.append(upright_size(im))
-    return sizes
-
-
 def predicted_devkit(boxes, paths, size, method="crop"):
     """The boxes a localize model predicted (model frame, one per image of `paths`) as devkit boxes on the original
     images, an (N, 4) integer array: frame_to_devkit with each image's own upright size."""
-    import numpy as np
     rows = [frame_to_devkit(b, w, h, size, method) for b, (w, h) in zip(boxes, image_sizes(paths))]
     return np.array(rows, dtype=np.int64).reshape(-1, 4)
 
@@ -200,7 +191,6 @@ def predicted_devkit(boxes, paths, size, method="crop"):
 def box_scores(pred, df, prefix=""):
     """{mean_iou, iou50, box_images} of devkit boxes `pred` against the rows of `df` that have a box (all four
     bbox columns); {} when none has one."""
-    import numpy as np
     if not set(BOX_COLUMNS) <= set(df.columns):
         return {}
     has = df[BOX_COLUMNS].notna().all(axis=1).to_numpy()
@@ -245,8 +235,6 @@ def localize_block(get_x, size, batch_tfms, splitter=None, method="crop"):
     `get_x` must return the image at its original pixel size and whole (data.ImageReader(folder) without size,
     no crop_bbox): the box getter gives original pixels, and PointScaler divides by the size of the image read.
     Boxes then move with the image through Resize(size, method) and `batch_tfms` (aug_transforms)."""
-    from fastai.vision.all import (BBoxBlock, CategoryBlock, ColReader, DataBlock, ImageBlock, IndexSplitter, PadMode,
-                                   Resize)
     if getattr(get_x, "size", None) or getattr(get_x, "crop_bbox", False):
         raise ValueError("localize_block: get_x must read whole images at full size (no draft size, no crop_bbox), "
                          "or the boxes would not match the image")

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-from cli import UserError, atomic
+from finegrained.errors import UserError
+
+from finegrained.files import save_png
 
 CURVES_INCHES, CURVES_DPI = (10, 7.5), 100   # 1000 x 750 px
 # learning-rate columns: "a;b;c", one value per parameter group, earliest first
@@ -84,8 +88,6 @@ def curve_data(history):
 
 def training_curves(history, path):
     """Draw history.csv (a path or DataFrame) to the PNG `path`, atomically; returns curve_data()."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
     data = curve_data(history)
     x, series, n = data["x"], data["series"], len(data["x"])
     marker = "o" if n <= MARKERS_UP_TO else None
@@ -133,9 +135,7 @@ def training_curves(history, path):
     note = "" if "valid_loss" in series else " (no validation split: training loss only)"
     fig.suptitle(f"Training curves: {n} epoch{'s' if n != 1 else ''}{note}", fontsize=11)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic(path) as tmp:
-        fig.savefig(tmp, format="png")
+    save_png(fig, path)
     return data
 
 

@@ -14,13 +14,18 @@ class) rather than through fastai's ClassificationInterpretation, whose from_lea
 inference again over a labelled loader of the training DataBlock: test.py's hold-out loader has
 no labels (they are matched to the model's classes by id or name) and may be TTA-averaged."""
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from PIL import Image
 from torch import nn
+from torchcam.methods import GradCAM
+from torchcam.utils import overlay_mask
 
-from cli import UserError, atomic
+from finegrained.errors import UserError
+
+from finegrained.files import save_png
 
 CELL_INCHES, GRID_DPI = (2.0, 2.55), 100    # one image and its caption: 200 x 255 px
 CAPTION_INCHES, TITLE_INCHES = 0.55, 0.3    # four caption lines under each image; the title over the grid
@@ -53,7 +58,6 @@ def gradcam_maps(model, images, class_indices, target_layer=None, bs=16):
     N x H x W maps in [0, 1]: torchcam's maps (per image, ReLU then min-max normalized) at the layer's
     resolution, upsampled bilinearly to the image size as torchcam's fuse_cams does. For a model with
     a box head, of its class logits. The model is left in the mode it was in."""
-    from torchcam.methods import GradCAM
     layer = cam_target_layer(model) if target_layer is None else target_layer
     classes = [int(c) for c in (class_indices.tolist() if torch.is_tensor(class_indices) else class_indices)]
     if len(classes) != len(images):
@@ -115,7 +119,6 @@ def _grid(cells, columns, path, title):
     """cells: [(HxWx3 array in [0, 1], caption, caption colour)]; one PNG, written atomically.
     Laid out here because fastai's show_images and plot_top_losses draw into pyplot's current figure,
     sized by the number of images, with no caption colour and nothing to save it atomically."""
-    from matplotlib.figure import Figure
     if not cells:
         raise UserError(f"{path}: nothing to show")
     width, height = grid_pixels(len(cells), columns)
@@ -132,9 +135,7 @@ def _grid(cells, columns, path, title):
         ax.imshow(image, interpolation="bilinear")
         ax.set_title(caption, fontsize=6.5, color=colour, y=-0.02, va="top", pad=0)
     fig.suptitle(title, fontsize=9, y=1 - 0.05 / height * GRID_DPI, va="top")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with atomic(path) as tmp:
-        fig.savefig(tmp, format="png")
+    save_png(fig, path)
     return width, height
 
 
@@ -144,8 +145,6 @@ def _hwc(image):
 
 def overlay(image, cam):
     """torchcam's overlay: the map in the jet colour map blended over the image (half each), as HxWx3 in [0, 1]."""
-    from PIL import Image
-    from torchcam.utils import overlay_mask
     rgb = Image.fromarray((_hwc(image) * 255).round().astype(np.uint8))
     mask = Image.fromarray(cam.detach().float().cpu().numpy())   # float32: mode "F", as torchcam expects
     return np.asarray(overlay_mask(rgb, mask, alpha=0.5)) / 255.0

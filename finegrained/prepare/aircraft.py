@@ -2,7 +2,7 @@
 
 Every image carries a ~20 px copyright banner at the bottom; it is cropped off here, once,
 when the image is placed in the dataset folder, so training and scoring never see it."""
-from cli import UserError
+from finegrained.errors import UserError
 
 from .fetch import Remote
 from .tables import Record, locate

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from cli import UserError, atomic
+from finegrained.errors import UserError
+
+from finegrained.files import write_text
 
 WORST_CLASSES = 20
 PER_CLASS_COLUMNS = ["class_id", "class_name", "images", "correct", "accuracy"]
@@ -103,6 +105,5 @@ def write_report(path, title, sections):
             "\n</body></html>\n")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic(path) as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path

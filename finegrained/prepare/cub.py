@@ -2,7 +2,7 @@
 
 CUB boxes are (x, y, width, height) in 0-based pixels; they are stored as the devkit's
 1-based inclusive (x1, y1, x2, y2) like every other dataset here."""
-from cli import UserError
+from finegrained.errors import UserError
 
 from .fetch import Remote
 from .tables import Record, locate

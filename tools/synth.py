@@ -5,7 +5,7 @@ class is told only by small details (roof shape and window tint, wheel colour, a
 fine-grained but learnable. Files are real: JPEGs of varied sizes (some grayscale), `.mat`
 annotations written with scipy.io.savemat, in each layout the data section of README.md lists.
 
-    python tests/synth.py --out DIR [--layout original|kaggle|all_in_one|class_folders] [--classes 6]"""
+    python tools/synth.py --out DIR [--layout original|kaggle|all_in_one|class_folders] [--classes 6]"""
 import argparse
 import random
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ class Sample:
 
 
 def class_names(n):
-    names = (Path(__file__).resolve().parent.parent / "prepare" / "cars_classes.txt").read_text().splitlines()
+    names = (Path(__file__).resolve().parent.parent / "finegrained" / "prepare" / "cars_classes.txt").read_text().splitlines()
     return names[:n]
 
 

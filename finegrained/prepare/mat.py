@@ -2,7 +2,7 @@
 import numpy as np
 import scipy.io
 
-from cli import UserError
+from finegrained.errors import UserError
 
 
 def load_struct(path, key, fields):

@@ -28,7 +28,9 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
-from cli import UserError, atomic
+from finegrained.errors import UserError
+
+from finegrained.files import write_json
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -152,8 +154,7 @@ class EpochTracker(Callback):
 
     def _save_id(self, key, value):
         ids = {**self._ids(), key: value}
-        with atomic(self.run_folder / IDS_FILE) as tmp:
-            tmp.write_text(json.dumps(ids, indent=2))
+        write_json(self.run_folder / IDS_FILE, ids)
 
 
 class TensorBoardTracker(EpochTracker):

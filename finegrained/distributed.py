@@ -43,7 +43,15 @@ import os
 import sys
 from pathlib import Path
 
-from cli import UserError
+import fastai.distributed  # noqa: F401  (adds Learner.distrib_ctx)
+import torch
+import torch.distributed as dist
+from accelerate.state import PartialState
+from fastai.distributed import DistributedDL
+from fastai.torch_core import set_seed
+from timm.layers import convert_sync_batchnorm
+
+from finegrained.errors import UserError
 
 # The names each launcher uses, torch's first (the same lists accelerate reads for the CPU).
 SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -98,7 +106,6 @@ def launched_alone():
 
 
 def _cuda():
-    import torch
     return torch.cuda.is_available()
 
 
@@ -125,11 +132,9 @@ def setup():
     for names, value in ((SIZE_VARS, world), (RANK_VARS, rank()), (LOCAL_RANK_VARS, local_rank()),
                          (LOCAL_SIZE_VARS, local_world_size())):
         os.environ.setdefault(names[0], str(value))
-    from accelerate.state import PartialState
     if PartialState._shared_state and not _installed:
         raise RuntimeError("distributed.setup() must run before the first Accelerator() is made")
     if _cuda():
-        import torch
         torch.cuda.set_device(local_rank() % torch.cuda.device_count())
     else:
         os.environ["ACCELERATE_USE_CPU"] = "1"
@@ -166,7 +171,6 @@ def context(learn, sync_bn=False):
         return
     if not _installed:
         raise RuntimeError("call distributed.setup() at the start of the script, before the DataLoaders and the Learner")
-    import fastai.distributed  # noqa: F401  (adds Learner.distrib_ctx)
     if sync_bn and _cuda():
         sync_batchnorm(learn)
     with learn.distrib_ctx(sync_bn=False):
@@ -176,7 +180,6 @@ def context(learn, sync_bn=False):
 def sync_batchnorm(learn):
     """Turn every BatchNorm of `learn.model` into its synchronized variant, in place, keeping the same parameters (the
     optimizer's state stays valid); the same model in eval mode and in one process."""
-    from timm.layers import convert_sync_batchnorm
     if learn.opt is None:
         learn.create_opt()  # while the BatchNorm layers still have the types fastai recognises (train_bn)
     learn.model = convert_sync_batchnorm(learn.model)
@@ -201,7 +204,6 @@ def local():
 
 def _group():
     """torch.distributed when a process group is up, else None."""
-    import torch.distributed as dist
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
@@ -210,7 +212,6 @@ def barrier():
     dist = _group()
     if world_size() > 1 and dist is not None:
         if dist.get_backend() == "nccl":
-            import torch
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
@@ -230,7 +231,6 @@ def seed_per_rank(seed):
     models need not start equal, DDP copies rank 0's weights to every process at the start of every fit.
     Nothing in one process."""
     if world_size() > 1:
-        from fastai.torch_core import set_seed
         set_seed(seed + 1_000_003 * rank())
 
 
@@ -242,7 +242,6 @@ def unwrap(model):
 
 def _collective_device(fallback=None):
     """Where a tensor must be for a collective: CPU for gloo and mpi, the current GPU for nccl."""
-    import torch
     dist = _group()
     backend = str(dist.get_backend()) if dist is not None else "gloo"
     if backend in ("gloo", "mpi") or "cpu:gloo" in backend:
@@ -254,7 +253,6 @@ def _collective_device(fallback=None):
 
 def _broadcast(self, t, rank):
     "Broadcasts list `t` from rank `rank` to all ranks on the process group's device; returns it as a list on every rank."
-    import torch
     tensor = torch.tensor(list(t), dtype=torch.long, device=_collective_device(getattr(self, "device", None)))
     _group().broadcast(tensor, rank)
     return tensor.cpu().tolist()
@@ -272,6 +270,5 @@ def _len(self):
 
 
 def _install_fixes():
-    from fastai.distributed import DistributedDL
     DistributedDL._broadcast = _broadcast
     DistributedDL.__len__ = _len

@@ -10,9 +10,9 @@ import math
 import tomllib
 from pathlib import Path
 
-from cli import UserError
+from finegrained.errors import UserError
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the checkout's recipes/, beside the scripts
 DEFAULT = "fastai_resnext50"
 
 RUN_DEFAULTS = {
@@ -32,8 +32,11 @@ STAGE_DEFAULTS = {
     "pct_start": 0.25, "div": 25.0, "div_final": 1e5,   # one_cycle's shape (fastai): peak at pct_start, from lr/div to lr/div_final
     "sqr_mom": 0.99, "eps": 1e-5,                      # adam: beta2 and eps (fastai's defaults; torch's are 0.999 and 1e-8)
 }
+# the recipes' resize names -> fastai's ResizeMethod values: the one resize vocabulary. fastai spells squash "squish",
+# and takes any other string as a crop without a word: Resize(method="squash") silently centre-cropped until this mapping
+RESIZE = {"crop": "crop", "squash": "squish", "pad": "pad"}
 CHOICES = {
-    "loss": ("ce", "smooth", "focal"), "resize": ("crop", "squash", "pad"),
+    "loss": ("ce", "smooth", "focal"), "resize": tuple(RESIZE),
     "augment": ("fastai", "flip_crop", "rrc_flip", "none"), "lr_rule": ("none", "linear"),
     "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
     "train": ("frozen", "all", "reinit"), "box_loss": ("smoothl1", "giou"),
@@ -194,7 +197,7 @@ def resolve(raw, given=None, where="recipe"):
 
 
 def _check_head(head, where):
-    from heads import HEADS
+    from finegrained.heads import HEADS
     if head not in HEADS:
         raise UserError(f"{where}: unknown head {head!r}: use one of {', '.join(HEADS)}")
 

@@ -16,6 +16,13 @@ data and model, each with its numbers.
 fastai does the training and the predictions; written here are only the subsets and the verdicts."""
 import math
 
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback, TrainEvalCallback
+from fastai.data.core import DataLoaders
+from fastai.torch_core import noop, set_seed
+from torch.optim.swa_utils import update_bn
+
 LOSS_BOUNDS = (0.5, 2.0)    # the initial loss passes within ln(C) x these: fastai's head starts at 1.2-1.8 x ln(C)
 FAR_FROM_UNIFORM = 1.1      # above ln(C) x this, the detail line says the head starts far from uniform
 LOSS_SAMPLE = 512           # at most this many images measure the initial loss (all classes present)
@@ -50,7 +57,6 @@ def _plain_dl(learn, df, shuffle=False):
 
 
 def _batch_norm_modules(model):
-    import torch
     return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
 
 
@@ -60,8 +66,6 @@ def _logits(learn, df, batch_statistics=False):
 
     batch_statistics: BatchNorm normalizes each batch by its own statistics, as in training, and dropout is off:
     the model as its first training steps see it, less dropout's noise. The running statistics are left as they were."""
-    from fastai.callback.core import Callback, TrainEvalCallback
-    from fastai.torch_core import noop
 
     class BatchStatistics(Callback):
         order = TrainEvalCallback.order + 1   # after TrainEvalCallback has put the whole model in eval mode
@@ -84,7 +88,6 @@ def _logits(learn, df, batch_statistics=False):
 
 def _cross_entropy(logits, targets):
     # plain cross-entropy of the outputs, whatever loss the learner trains with (smooth, focal)
-    import torch.nn.functional as F
     return float(F.cross_entropy(logits, targets))
 
 
@@ -133,8 +136,6 @@ def check_overfit(make_learner, train_df, size, bs, epochs, lr, n_classes=2, per
     of the pipeline, and train-mode accuracy would be blurred by the head's dropout.
 
     A model with nothing to train (every parameter frozen) fails at once, saying so."""
-    from fastai.data.core import DataLoaders
-    from torch.optim.swa_utils import update_bn
     sample = overfit_sample(train_df, n_classes, per_class)
     learn = make_learner(sample, size, bs)
     name = f"overfits {len(sample)} images"
@@ -160,7 +161,6 @@ def run_checks(make_learner, train_df, size=224, bs=10, epochs=20, lr=1e-2, n_cl
     Learner on those rows as the run would (same architecture, weights, loss, freezing; no validation
     split; train.csv's folder in df.attrs["folder"]). The overfit check trains it with one-cycle for
     `epochs` at max learning rate `lr`."""
-    from fastai.torch_core import set_seed
     set_seed(seed)
     results = [check_initial_loss(make_learner, train_df, size, bs)]
     set_seed(seed)

@@ -5,7 +5,7 @@ import fnmatch
 import os
 from pathlib import Path
 
-from cli import UserError
+from finegrained.errors import UserError
 
 
 def refuse_loop(link, inside):

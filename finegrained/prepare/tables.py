@@ -12,7 +12,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import UserError, atomic
+import pandas as pd
+
+from finegrained.errors import UserError
+
+from finegrained.files import atomic
+from finegrained.images import BOX_COLUMNS, load_image
 
 from .progress import track
 
@@ -56,7 +61,6 @@ def tables_exist(dest):
 def check_image(path):
     """Return None if `path` decodes as an image the way training and scoring read it (data.load_image:
     upright, 16-bit scaled, JPEGs at a reduced DCT scale so this is quick), else a one-line reason."""
-    from data import load_image
     try:
         if os.path.getsize(path) == 0:
             return "file is empty (0 bytes)"
@@ -114,7 +118,6 @@ def _place(record, dest):
         with atomic(target) as tmp:
             tmp.unlink(missing_ok=True)  # left by a killed run: writing through it would change what it points to
             if record.crop_bottom:
-                from data import load_image
                 im, _ = load_image(source)
                 im = im.convert("RGB") if im.mode not in ("RGB", "L") else im
                 im.crop((0, 0, im.width, im.height - record.crop_bottom)).save(tmp, format="JPEG", quality=95)
@@ -172,3 +175,71 @@ def split_notes(records):
             notes.append(f"note: {len(left)} class{'' if one else 'es'} {'has' if one else 'have'} no {split} images "
                          f"and {'is' if one else 'are'} in {other} only: {listed}")
     return notes
+
+
+REQUIRED_COLUMNS = ["filename", "class_id"]
+
+
+def read_table(path):
+    """Read a prepared CSV, checking its columns, with one clear error for each kind of bad file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file (prepare the data first: python data.py --help)")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"class_id": str})
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path}: the CSV is empty")
+    except Exception as err:
+        raise UserError(f"{path}: not a readable CSV ({err})")
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, df.columns))})")
+    if df.empty:
+        raise UserError(f"{path}: the CSV has no rows")
+    _check_cells(df, path)
+    df["class_id"] = pd.to_numeric(df["class_id"]).astype(int)
+    if "class_name" not in df.columns:
+        df["class_name"] = df["class_id"].astype(str)
+    df["filename"] = df["filename"].astype(str)
+    df.attrs["folder"] = str(path.parent)
+    return df
+
+
+def _check_cells(df, path):
+    """Stop at the first row (1-based, after the header) whose class_id is empty or not a whole number,
+    or whose box is partly filled or not numbers."""
+    ids = pd.to_numeric(df["class_id"], errors="coerce")
+    bad = df["class_id"].isna() | ids.isna() | (ids % 1 != 0)
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        value = df["class_id"].iloc[i]
+        problem = ("is empty" if pd.isna(value) else f"{value!r} is not a number" if pd.isna(ids.iloc[i])
+                   else f"{value!r} is not a whole number")
+        raise UserError(f"{path}, row {i + 1}: class_id {problem}")
+    boxes = [c for c in BOX_COLUMNS if c in df.columns]
+    if not boxes:
+        return
+    if len(boxes) < len(BOX_COLUMNS):
+        raise UserError(f"{path}: has {', '.join(boxes)} but not all of {', '.join(BOX_COLUMNS)}")
+    numbers = df[BOX_COLUMNS].apply(pd.to_numeric, errors="coerce")
+    empty = df[BOX_COLUMNS].isna()
+    bad = (numbers.isna() & ~empty).any(axis=1) | (empty.any(axis=1) & ~empty.all(axis=1))
+    if bad.any():
+        i = int(bad.to_numpy().argmax())
+        cells = ", ".join(f"{c}={'' if pd.isna(v) else v}" for c, v in df[BOX_COLUMNS].iloc[i].items())
+        raise UserError(f"{path}, row {i + 1}: a box needs four numbers or four empty cells ({cells})")
+
+
+def check_table_images(df, name):
+    """Stop, naming the row and file of every image in `df` that is missing or does not decode."""
+    paths = [Path(df.attrs["folder"]) / f for f in df["filename"]]
+    bad = [f"{name}, row {row}: {path}: {problem}"
+           for row, (path, problem) in enumerate(zip(paths, image_problems(paths)), 1) if problem]
+    if bad:
+        raise problems_error(bad, "fix {them}, or remove {their} row{s} from {table}", table=name)
+
+
+def class_names(df):
+    """{class_id: class_name} in order of class id."""
+    pairs = df[["class_id", "class_name"]].drop_duplicates().sort_values("class_id")
+    return {int(k): str(v) for k, v in zip(pairs["class_id"], pairs["class_name"])}

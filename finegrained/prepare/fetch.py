@@ -17,7 +17,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import UserError
+from finegrained.errors import UserError
 
 from .progress import Progress, track
 

@@ -8,7 +8,8 @@ import os
 import random
 from pathlib import Path
 
-from cli import UserError
+from finegrained.errors import UserError
+from finegrained.images import IMAGE_SUFFIXES
 
 from .tables import Record
 from .walk import refuse_broken, refuse_loop, rglob
@@ -16,7 +17,6 @@ from .walk import refuse_broken, refuse_loop, rglob
 DIRNAME = None   # the user's --name
 SOURCES = {}     # nothing to download
 HOW_TO_GET = "pass the folder with --source DIR: DIR/train/<class>/ and DIR/test/<class>/, or DIR/<class>/ with --test-pct"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _class_dirs(folder):

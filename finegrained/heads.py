@@ -14,9 +14,12 @@ the last parameter group. The body is fastai's: `create_body(torchvision_model, 
 `TimmBody` (= `create_timm_model(name, n_out)[0][0]`) for timm."""
 import torch
 import torch.nn.functional as F
+from fastai.layers import ConvLayer
+from fastai.torch_core import apply_init
+from fastai.vision.learner import add_head, create_head, num_features_model, TimmBody
 from torch import nn
 
-from cli import UserError
+from finegrained.errors import UserError
 
 FASTAI_HEADS = {  # heads that are fastai's add_head with these arguments
     "concat": {},
@@ -38,7 +41,6 @@ class BilinearPool(nn.Module):
 
     def __init__(self, in_ch, reduce_ch=512, eps=1e-5):
         super().__init__()
-        from fastai.layers import ConvLayer
         self.reduce = ConvLayer(in_ch, reduce_ch, ks=1) if reduce_ch else nn.Identity()
         self.channels = reduce_ch or in_ch
         self.out_features, self.eps = self.channels ** 2, eps
@@ -79,8 +81,6 @@ class LocalizeHead(nn.Module):
 
     def __init__(self, n_features, n_out, pool=True, box_dropout=0.1, box_grid=4):
         super().__init__()
-        from fastai.layers import ConvLayer
-        from fastai.vision.learner import create_head
         self.cls = create_head(n_features, n_out, pool=pool)
         self.box = nn.Sequential(ConvLayer(n_features, BOX_CHANNELS, ks=1), nn.AdaptiveAvgPool2d(box_grid), nn.Flatten(),
                                  nn.Dropout(box_dropout), nn.Linear(BOX_CHANNELS * box_grid ** 2, BOX_HIDDEN),
@@ -100,7 +100,6 @@ class LocalizeHead(nn.Module):
 
 def n_features(body):
     """Channels of the body's output: timm's `num_features` for a TimmBody, else fastai's num_features_model."""
-    from fastai.vision.learner import TimmBody, num_features_model
     if isinstance(body, TimmBody):
         return body.model.num_features
     training = body.training
@@ -111,7 +110,6 @@ def n_features(body):
 
 def _check_feature_map(kind, body):
     """bilinear and localize need a (B, C, H, W) map: timm models without one (ViTs) or channels-last (Swin) are refused."""
-    from fastai.vision.learner import TimmBody
     if not isinstance(body, TimmBody):
         return
     name = body.model.default_cfg.get("architecture", type(body.model).__name__)
@@ -125,8 +123,6 @@ def make_head(kind, body, n_out, **options):
     """nn.Sequential(body, head) for `kind` in HEADS; `options` as in OPTIONS (unknown ones are refused).
 
     The head is initialised as fastai's add_head does (kaiming normal, BatchNorm left as is)."""
-    from fastai.torch_core import apply_init
-    from fastai.vision.learner import TimmBody, add_head
     if kind not in HEADS:
         raise UserError(f"unknown head {kind!r}: choose one of {', '.join(HEADS)}")
     unknown = sorted(set(options) - set(OPTIONS[kind]))

@@ -9,7 +9,8 @@ Train and test images are numbered independently, so an image is never looked up
 import re
 from pathlib import Path
 
-from cli import UserError
+from finegrained.errors import UserError
+from finegrained.images import BOX_COLUMNS, IMAGE_SUFFIXES
 
 from .fetch import Remote
 from .mat import load_struct
@@ -18,8 +19,6 @@ from .walk import rglob
 
 DIRNAME = "stanford_cars"
 N_CLASSES = 196
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-BOX_FIELDS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
 
 # Tried in order. The Stanford links answer 404 since 2023 but are kept first in case they return.
 SOURCES = {
@@ -81,7 +80,7 @@ def _images_dir(roots, dirname, first_fname):
 
 
 def _box(ann, i):
-    return tuple(int(ann[f][i]) for f in BOX_FIELDS)
+    return tuple(int(ann[f][i]) for f in BOX_COLUMNS)
 
 
 def _class_names(roots):
@@ -105,7 +104,7 @@ def _devkit_records(roots, train_annos):
                         "add it to --source (it is in torchvision's layout and on Kaggle)")
     records = []
     for split, mat, dirname in (("train", train_annos, "cars_train"), ("test", test_annos, "cars_test")):
-        ann = load_struct(mat, "annotations", BOX_FIELDS + ["class", "fname"])
+        ann = load_struct(mat, "annotations", BOX_COLUMNS + ["class", "fname"])
         folder = _images_dir(roots, dirname, str(ann["fname"][0]))
         for i, fname in enumerate(ann["fname"]):
             cid = _check_class(mat, i, int(ann["class"][i]))
@@ -114,7 +113,7 @@ def _devkit_records(roots, train_annos):
 
 
 def _all_in_one_records(roots, annos):
-    ann = load_struct(annos, "annotations", BOX_FIELDS + ["class", "relative_im_path", "test"])
+    ann = load_struct(annos, "annotations", BOX_COLUMNS + ["class", "relative_im_path", "test"])
     names = [str(n) for n in load_struct(annos, "class_names", [])]
     car_ims = _one(roots, "car_ims", want_dir=True)
     records = []

@@ -1,0 +1,21 @@
+"""finegrained: the library under the project's command-line scripts (run.py, data.py, lr_find.py, test.py, ...),
+as timm keeps its scripts over the timm package.
+
+Layers, top to bottom; a module imports only from layers below its own, and modules on one line not from each
+other (import-linter checks this from pyproject.toml: `make lint`, part of `make test`):
+  runner | holdout                              run.py's and test.py's command lines and what they do
+  sanity | report | explain | trackers          checks and views of a run
+  train                                         the stages, on fastai's Learner
+  distributed | plots                           data-parallel plumbing; the training curves
+  models                                        the Learner: backbone, head, loss, optimizer
+  data                                          fastai DataLoaders from train.csv
+  boxes                                         the localize head's loss, metrics, box frames and DataBlock
+  recipe                                        the recipe files, their keys and checks
+  heads                                         the classification and localization heads
+  prepare                                       train.csv / test.csv from downloads or the user's files
+  images | cli                                  image decoding and box regions; the scripts' flags and exit codes
+  files                                         atomic writes (JSON, CSV, PNG, HTML, weights), the run-folder lock
+  errors                                        UserError and RunFailed: one line and an exit status
+
+Imports sit at the top of each module. runner, holdout and recipe load the layers below them inside functions, on
+purpose: a script's --help then answers without importing torch and fastai (seconds on a cold start)."""
