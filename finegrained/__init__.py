@@ -5,6 +5,7 @@ Layers, top to bottom; a module imports only from layers below its own, and modu
 other (import-linter checks this from pyproject.toml: `make lint`, part of `make test`):
   runner | holdout                              run.py's and test.py's command lines and what they do
   sanity | report | explain | trackers          checks and views of a run
+  | regularize                                  mixup/cutmix and the EMA of the weights, as fastai callbacks
   train                                         the stages, on fastai's Learner
   distributed | plots                           data-parallel plumbing; the training curves
   models                                        the Learner: backbone, head, loss, optimizer

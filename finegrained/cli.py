@@ -107,3 +107,17 @@ def add_common_training(p):
                    help=f"cross-entropy, label-smoothing cross-entropy (0.1) or focal loss (gamma 2) (default: {FROM_RECIPE})")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader worker processes (default: all CPU cores, at most 16)")
+
+
+def add_regularization(p):
+    p.add_argument("--mixup-alpha", type=float, default=None, metavar="A",
+                   help=f"mixup on training batches, Beta(A, A); 0 turns it off (default: {FROM_RECIPE}, 0)")
+    p.add_argument("--cutmix-alpha", type=float, default=None, metavar="A",
+                   help=f"cutmix on training batches, Beta(A, A); 0 turns it off (default: {FROM_RECIPE}, 0)")
+    p.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="validate, score and save an exponential moving average of the weights (ema = D x ema + "
+                        f"(1 - D) x weights each step); 0 turns it off (default: {FROM_RECIPE}, 0)")
+    p.add_argument("--auto-augment", choices=["none", "trivialaugment", "randaugment"], default=None,
+                   help=f"torchvision's TrivialAugmentWide or RandAugment on training images (default: {FROM_RECIPE}, none)")
+    p.add_argument("--drop-path-rate", type=float, default=None, metavar="P",
+                   help=f"stochastic depth of a timm backbone (default: {FROM_RECIPE}, 0)")

@@ -8,7 +8,9 @@ import fastai.callback.data  # noqa: F401  (adds DataBlock.weighted_dataloaders)
 import pandas as pd
 from fastai.vision.all import (CategoryBlock, ColReader, CropPad, DataBlock, FlipItem, ImageBlock, IndexSplitter,
                                Normalize, PadMode, RandomCrop, RandomResizedCrop, RandomSplitter, Resize, aug_transforms)
+from fastai.data.transforms import Transform
 from fastai.vision.core import PILImage
+from torchvision.transforms import v2
 
 from finegrained.boxes import localize_block, one_box_per_image, require_boxes
 from finegrained.errors import UserError
@@ -30,6 +32,24 @@ class ImageReader:
         return PILImage(open_image(self.folder / row["filename"], self.size, box, self.margin))
 
 
+AUTO_AUGMENTS = {"trivialaugment": "TrivialAugmentWide", "randaugment": "RandAugment"}  # torchvision defaults
+
+
+class ItemAugment(Transform):
+    """torchvision's TrivialAugmentWide or RandAugment (num_ops 2, magnitude 9) on a training image, after the resize,
+    crop and flip and before ToTensor (fastai's order 5); never on validation, test or scoring images (split_idx 0)."""
+    split_idx, order = 0, 4
+
+    def __init__(self, name):
+        if name not in AUTO_AUGMENTS:
+            raise UserError(f"unknown auto_augment {name!r}: use one of none, {', '.join(AUTO_AUGMENTS)}")
+        super().__init__()
+        self.policy_name, self.policy = name, getattr(v2, AUTO_AUGMENTS[name])()
+
+    def encodes(self, im: PILImage):
+        return PILImage(self.policy(im))  # torchvision returns a plain PIL image
+
+
 # ---------------------------------------------------------------- DataLoaders
 
 CROP_PAD = 8  # augment = "flip_crop": px of zero padding around the image before the random crop (the ResNet50-448 write-up)
@@ -47,10 +67,18 @@ def fastai_resize(resize):
     return RESIZE[resize]
 
 
-def item_transforms(size, resize="crop", crop_pct=1.0, augment="fastai"):
+def item_transforms(size, resize="crop", crop_pct=1.0, augment="fastai", auto_augment="none"):
     """fastai item transforms: resize to size / crop_pct by `resize` (fastai's crop, squash or pad), then, with
     crop_pct < 1 or the flip_crop augmentation, a crop to `size`: random in training, the centre when scoring
-    (fastai's RandomCrop). flip_crop pads CROP_PAD px first and flips half the training images."""
+    (fastai's RandomCrop). flip_crop pads CROP_PAD px first and flips half the training images. `auto_augment`
+    (trivialaugment, randaugment): torchvision's policy on each training image after the crop (ItemAugment)."""
+    tfms = _item_transforms(size, resize, crop_pct, augment)
+    if auto_augment != "none":
+        tfms.append(ItemAugment(auto_augment))
+    return tfms
+
+
+def _item_transforms(size, resize, crop_pct, augment):
     base = presize(size, crop_pct)
     tfms = [Resize(base, method=fastai_resize(resize))]
     if augment == "flip_crop":  # explicit orders: fastai sorts item transforms by order, and CropPad's is 0
@@ -73,7 +101,7 @@ def batch_transforms(augment, stats=IMAGENET_STATS):
 
 def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False, margin=BOX_MARGIN,
             balance=False, augment="fastai", workers=None, device=None, stats=IMAGENET_STATS, draft=True,
-            resize="crop", crop_pct=1.0, head="concat"):
+            resize="crop", crop_pct=1.0, head="concat", auto_augment="none"):
     """fastai DataLoaders for a prepared train.csv.
 
     Labels are the class ids, so the model's classes are in class-id order. `augment`: "fastai" is fastai's
@@ -84,7 +112,8 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
 
     `head="localize"`: batches are (image, box, class), the box moving with the image through the resize and
     the augmentation (fastai's BBoxBlock; boxes.localize_block). Every row needs a box, and the whole image is read
-    at full size (a box crop or draft decoding would put the boxes in another frame)."""
+    at full size (a box crop or draft decoding would put the boxes in another frame). `auto_augment`: torchvision's
+    TrivialAugmentWide or RandAugment on training items (ItemAugment); not with boxes."""
 
     augment = {True: "fastai", False: "none"}.get(augment, augment)
     df = train_csv if isinstance(train_csv, pd.DataFrame) else read_table(train_csv)
@@ -95,6 +124,8 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
     kwargs = dict(bs=bs, num_workers=default_workers() if workers is None else workers, device=device)
     if head == "localize":
         check_localize(crop_bbox, resize, crop_pct, augment)
+        if auto_augment != "none":
+            raise UserError(f"--head localize cannot train with auto_augment {auto_augment}: its boxes would not follow")
         require_boxes(df, name)
         block = localize_block(ImageReader(df.attrs["folder"]), size, batch_transforms(augment, stats), splitter,
                                method=fastai_resize(resize))
@@ -104,7 +135,7 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
         block = DataBlock(blocks=(ImageBlock, CategoryBlock),
                           get_x=ImageReader(df.attrs["folder"], presize(size, crop_pct) if draft else None, crop_bbox, margin),
                           get_y=ColReader("class_id"), splitter=splitter,
-                          item_tfms=item_transforms(size, resize, crop_pct, augment),
+                          item_tfms=item_transforms(size, resize, crop_pct, augment, auto_augment),
                           batch_tfms=batch_transforms(augment, stats))
     if balance:  # each class drawn equally often: weights from the class counts of the training part alone
         train_classes = df["class_id"].iloc[list(splitter(df)[0])]
@@ -117,7 +148,8 @@ def dls_args(recipe):
     """get_dls's keywords from a resolved recipe: `get_dls(table, size, bs, **dls_args(recipe))`."""
     return {"valid_pct": recipe["valid_pct"], "seed": recipe["seed"], "crop_bbox": recipe["crop_bbox"],
             "margin": recipe["bbox_margin"], "balance": recipe["balance"], "augment": recipe["augment"],
-            "resize": recipe["resize"], "crop_pct": recipe["crop_pct"], "head": recipe["head"]}
+            "resize": recipe["resize"], "crop_pct": recipe["crop_pct"], "head": recipe["head"],
+            "auto_augment": recipe["auto_augment"]}
 
 
 def check_localize(crop_bbox=False, resize="crop", crop_pct=1.0, augment="fastai"):

@@ -29,17 +29,8 @@ from finegrained.boxes import LocalizeLoss, localize_metrics
 from finegrained.errors import UserError
 from finegrained.files import atomic, write_json
 from finegrained.heads import HEADS, make_head, OPTIONS
+from finegrained.recipe import ALIASES, TORCHVISION_ARCHS
 
-TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-                     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"}
-ALIASES = {
-    "resnext50": "resnext50_32x4d", "resnext101": "resnext101_32x8d",
-    # pretrainedmodels (Cadene) names -> timm ports of those weights
-    "se_resnet50": "legacy_seresnet50", "se_resnet101": "legacy_seresnet101", "se_resnet152": "legacy_seresnet152",
-    "se_resnext50_32x4d": "legacy_seresnext50_32x4d", "se_resnext101_32x4d": "legacy_seresnext101_32x4d",
-    "senet154": "legacy_senet154", "xception": "legacy_xception", "inceptionv4": "inception_v4",
-    "inceptionresnetv2": "inception_resnet_v2",
-}
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 
 
@@ -64,13 +55,26 @@ def splitter_for(arch):
     return recipe_splitter if resolve_arch(arch)[0] == "torchvision" else default_split
 
 
-def build_body(arch, pretrained=False):
-    """The backbone cut before its pooling: a torchvision ResNet's children, or fastai's TimmBody."""
+def build_body(arch, pretrained=False, drop_path_rate=0.0):
+    """The backbone cut before its pooling: a torchvision ResNet's children, or fastai's TimmBody. `drop_path_rate`:
+    a timm backbone's stochastic depth (timm.create_model's; torchvision's ResNets have none, and refuse it)."""
     kind, name = resolve_arch(arch)
+    if drop_path_rate and kind == "torchvision":
+        raise UserError(f"drop_path_rate {drop_path_rate:g} needs a timm backbone; torchvision's {name} has no "
+                        f"stochastic depth (timm's port of it has: --arch {name}.tv_in1k)")
     try:
         if kind == "torchvision":  # fastai's model_meta lacks the ResNeXts, so the cut is set here
             return create_body(getattr(torchvision.models, name)(weights="DEFAULT" if pretrained else None), cut=-2)
-        return TimmBody(timm.create_model(name, pretrained=pretrained, num_classes=0), pretrained)
+        extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=0, **extra)
+        except TypeError as err:
+            if not extra:
+                raise
+            raise UserError(f"timm's {name} takes no drop_path_rate ({err}); set drop_path_rate = 0 for it")
+        return TimmBody(model, pretrained)
+    except UserError:
+        raise
     except Exception as err:
         if not pretrained:
             raise
@@ -78,12 +82,12 @@ def build_body(arch, pretrained=False):
                         "pass a local file with --weights PATH, or train from scratch with --no-pretrained")
 
 
-def build_model(arch, n_out, pretrained=False, head="concat", head_options=None):
+def build_model(arch, n_out, pretrained=False, head="concat", head_options=None, drop_path_rate=0.0):
     """nn.Sequential(body, head) (heads.make_head): model[0] is the backbone, model[1:] the head, as fastai's
     splitters expect, so the head is always the last parameter group."""
     if head not in HEADS:  # before building a backbone (and fetching its weights) for nothing
         raise UserError(f"unknown head {head!r}: choose one of {', '.join(HEADS)}")
-    return make_head(head, build_body(arch, pretrained), n_out, **(head_options or {}))
+    return make_head(head, build_body(arch, pretrained, drop_path_rate), n_out, **(head_options or {}))
 
 
 def head_options(recipe):
@@ -190,7 +194,8 @@ def learner_args(recipe, stage, boxes=True):
     `create_learner(dls, **learner_args(recipe, stage))`; `boxes=False` as for head_args."""
     return {"arch": recipe["arch"], "pretrained": recipe["pretrained"], "loss": recipe["loss"], "wd": stage["wd"],
             "opt": stage["opt"], "mom": stage["mom"], "sqr_mom": stage["sqr_mom"], "eps": stage["eps"],
-            "wd_bn_bias": recipe["wd_bn_bias"], "train_bn": recipe["train_bn"], **head_args(recipe, boxes)}
+            "wd_bn_bias": recipe["wd_bn_bias"], "train_bn": recipe["train_bn"], "drop_path_rate": recipe["drop_path_rate"],
+            **head_args(recipe, boxes)}
 
 
 def is_localize_dls(dls):
@@ -200,18 +205,19 @@ def is_localize_dls(dls):
 
 def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path=".",
                    head="concat", opt="adam", mom=0.9, head_options=None, box_loss="smoothl1", box_lambda=1.0,
-                   sqr_mom=0.99, eps=1e-5, wd_bn_bias=False, train_bn=True):
+                   sqr_mom=0.99, eps=1e-5, wd_bn_bias=False, train_bn=True, drop_path_rate=0.0):
     """A fastai Learner: the backbone and head, the loss, the optimizer (AdamW by default; one-cycle cycles its beta1),
     BatchNorm trained even when frozen (unless `train_bn=False`: then a frozen BatchNorm keeps its weights and, through
     fastai's BnFreeze, its running statistics), weight decay on BatchNorm and biases only with `wd_bn_bias`, and the
-    body frozen when it starts from ImageNet weights.
+    body frozen when it starts from ImageNet weights; `drop_path_rate`: a timm backbone's stochastic depth.
 
     head "localize" needs DataLoaders from data.get_dls(..., head="localize"); its loss is the class loss plus
     box_lambda x the box loss (boxes.LocalizeLoss), and it logs accuracy, top-5, mean_iou and iou50 every epoch."""
     if (head == "localize") != is_localize_dls(dls):
         raise UserError("--head localize needs DataLoaders with boxes: data.get_dls(..., head='localize')" if head == "localize"
                         else f"head {head!r} classifies only, but these DataLoaders carry boxes (built for --head localize)")
-    model = build_model(arch, dls.c, pretrained=pretrained and weights is None, head=head, head_options=head_options)
+    model = build_model(arch, dls.c, pretrained=pretrained and weights is None, head=head, head_options=head_options,
+                        drop_path_rate=drop_path_rate)
     if weights is not None:
         load_backbone_weights(model, arch, weights)
     if head == "localize":

@@ -25,13 +25,34 @@ RUN_DEFAULTS = {
     "wd_bn_bias": False,       # weight decay on BatchNorm and bias tensors too (fastai v2 exempts them; torch and fastai v1 do not)
     "train_bn": True,          # BatchNorm trains (weights and running statistics) inside a frozen body
     "lr_rule": "none",         # linear: each stage trains at lr x bs / 256 (the recipe's lr is the rate for 256 images)
+    # regularization from timm's and torchvision's ImageNet recipes (regularize.py), each off by default
+    "mixup_alpha": 0.0,        # mixup's Beta(alpha, alpha) on training batches (0: off)
+    "cutmix_alpha": 0.0,       # cutmix's Beta(alpha, alpha) (0: off); with both on, each batch takes one of them
+    "mixup_prob": 1.0,         # the share of training batches mixed at all (timm's prob)
+    "mixup_switch_prob": 0.5,  # with both on: the share of mixed batches that take cutmix (timm's switch_prob)
+    "ema_decay": 0.0,          # an exponential moving average of the weights, validated, scored and saved (0: off)
+    "auto_augment": "none",    # trivialaugment or randaugment (torchvision's) on training items
+    "drop_path_rate": 0.0,     # stochastic depth of a timm backbone (timm.create_model's drop_path_rate)
 }
 STAGE_DEFAULTS = {
     "name": None, "epochs": 1, "size": 224, "bs": 32, "lr": 1e-3, "lr_div": 1.0, "opt": "adam", "mom": 0.9,
     "wd": 0.0, "schedule": "one_cycle", "step_every": 1, "step_gamma": 0.1, "train": "all", "blocks": 0, "patience": 0,
     "pct_start": 0.25, "div": 25.0, "div_final": 1e5,   # one_cycle's shape (fastai): peak at pct_start, from lr/div to lr/div_final
     "sqr_mom": 0.99, "eps": 1e-5,                      # adam: beta2 and eps (fastai's defaults; torch's are 0.999 and 1e-8)
+    "warmup_pct": 0.0,                                 # cosine: the share of the stage the rate rises linearly from 0
 }
+# the torchvision backbones by name (models.py cuts them itself); any other name is timm's
+TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"}
+ALIASES = {
+    "resnext50": "resnext50_32x4d", "resnext101": "resnext101_32x8d",
+    # pretrainedmodels (Cadene) names -> timm ports of those weights
+    "se_resnet50": "legacy_seresnet50", "se_resnet101": "legacy_seresnet101", "se_resnet152": "legacy_seresnet152",
+    "se_resnext50_32x4d": "legacy_seresnext50_32x4d", "se_resnext101_32x4d": "legacy_seresnext101_32x4d",
+    "senet154": "legacy_senet154", "xception": "legacy_xception", "inceptionv4": "inception_v4",
+    "inceptionresnetv2": "inception_resnet_v2",
+}
+
 # the recipes' resize names -> fastai's ResizeMethod values: the one resize vocabulary. fastai spells squash "squish",
 # and takes any other string as a crop without a word: Resize(method="squash") silently centre-cropped until this mapping
 RESIZE = {"crop": "crop", "squash": "squish", "pad": "pad"}
@@ -40,6 +61,7 @@ CHOICES = {
     "augment": ("fastai", "flip_crop", "rrc_flip", "none"), "lr_rule": ("none", "linear"),
     "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
     "train": ("frozen", "all", "reinit"), "box_loss": ("smoothl1", "giou"),
+    "auto_augment": ("none", "trivialaugment", "randaugment"),
 }
 # bounds beyond "not negative": (low, high, how to say it); OPEN_* says which bounds exclude their value
 RANGES = {"mom": (0, 1, "in [0, 1) (0: no momentum)"), "step_gamma": (0, 1, "in (0, 1] (the factor each drop multiplies by)"),
@@ -48,12 +70,18 @@ RANGES = {"mom": (0, 1, "in [0, 1) (0: no momentum)"), "step_gamma": (0, 1, "in 
           "crop_pct": (0.1, 1, "in [0.1, 1] (the share of the resized image the crop keeps)"),
           "pct_start": (0, 1, "in (0, 1) (the share of the stage before the peak)"), "div": (0, None, "above 0"),
           "div_final": (0, None, "above 0"), "sqr_mom": (0, 1, "in [0, 1)"), "eps": (0, None, "above 0"),
-          "bbox_margin": (0, 1, "in [0, 1] (the share of the box added on each side)")}
+          "bbox_margin": (0, 1, "in [0, 1] (the share of the box added on each side)"),
+          "mixup_prob": (0, 1, "in [0, 1] (the share of training batches mixed)"),
+          "mixup_switch_prob": (0, 1, "in [0, 1] (the share of mixed batches that take cutmix)"),
+          "ema_decay": (0, 1, "in [0, 1) (0: no EMA of the weights)"),
+          "drop_path_rate": (0, 1, "in [0, 1) (0: no stochastic depth)"),
+          "warmup_pct": (0, 1, "in [0, 1) (the share of the stage spent warming up)")}
 OPEN_BELOW = {"step_gamma", "lr_div", "pct_start", "div", "div_final", "eps"}
-OPEN_ABOVE = {"mom", "valid_pct", "pct_start", "sqr_mom"}
+OPEN_ABOVE = {"mom", "valid_pct", "pct_start", "sqr_mom", "ema_decay", "drop_path_rate", "warmup_pct"}
 LIST_FLAGS = {"epochs": "epochs", "sizes": "size", "bs": "bs", "lr": "lr"}   # flag -> stage key
 RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance", "bilinear_dim", "box_loss",
-             "box_lambda", "bbox_margin", "wd_bn_bias", "train_bn", "lr_rule")
+             "box_lambda", "bbox_margin", "wd_bn_bias", "train_bn", "lr_rule", "mixup_alpha", "cutmix_alpha", "ema_decay",
+             "auto_augment", "drop_path_rate")
 
 
 def available():
@@ -205,6 +233,7 @@ def _check_head(head, where):
 def check(recipe, where):
     """What a recipe may not ask for, whatever its values one by one."""
     _check_head(recipe["head"], where)
+    _check_regularization(recipe, where)
     live = [s for s in recipe["stages"] if s["epochs"] > 0]
     if not live:
         raise UserError(f"{where}: every stage has 0 epochs; nothing to train")
@@ -219,7 +248,33 @@ def check(recipe, where):
             raise UserError(f"{label}: blocks is only for train = 'reinit'")
         if s["schedule"] == "step" and s["step_every"] < 1:
             raise UserError(f"{label}: schedule 'step' needs step_every >= 1 (epochs between drops)")
+        if s["warmup_pct"] and s["schedule"] != "cosine":
+            raise UserError(f"{label}: warmup_pct is for schedule 'cosine' (one_cycle warms up by pct_start and div; "
+                            f"this stage's schedule is {s['schedule']!r})")
+        if mixes(recipe) and s["epochs"] and s["bs"] % 2:
+            raise UserError(f"{label}: mixup/cutmix need an even bs (timm's Mixup mixes each image with the batch "
+                            f"reversed), got {s['bs']}")
     return recipe
+
+
+def mixes(recipe):
+    """Whether a resolved recipe mixes its training batches (mixup or cutmix on)."""
+    return recipe["mixup_alpha"] > 0 or recipe["cutmix_alpha"] > 0
+
+
+def _check_regularization(recipe, where):
+    """The combinations regularize.py cannot train, each as one line."""
+    if mixes(recipe) and recipe["loss"] == "focal":
+        raise UserError(f"{where}: mixup/cutmix train on mixed (soft) targets, which focal loss does not take: "
+                        "use loss ce or smooth")
+    if recipe["head"] == "localize" and (mixes(recipe) or recipe["auto_augment"] != "none"):
+        what = "mixup/cutmix" if mixes(recipe) else f"auto_augment {recipe['auto_augment']}"
+        raise UserError(f"{where}: head localize cannot train with {what}: its boxes would not follow the mixed "
+                        "or transformed images")
+    arch = ALIASES.get(recipe["arch"], recipe["arch"])
+    if recipe["drop_path_rate"] and arch in TORCHVISION_ARCHS:
+        raise UserError(f"{where}: drop_path_rate {recipe['drop_path_rate']:g} needs a timm backbone; torchvision's "
+                        f"{arch} has no stochastic depth (timm's port of it has: --arch {arch}.tv_in1k)")
 
 
 def trained_lr(stage, lr_rule="none"):
@@ -263,6 +318,8 @@ def describe(recipe):
             cells[cols.index("schedule")] = f"step/{s['step_every']}x{s['step_gamma']:g}"
         if s["schedule"] == "one_cycle":
             cells[cols.index("schedule")] = f"one_cycle(pct_start {s['pct_start']:g}, div {s['div']:g}, div_final {s['div_final']:g})"
+        if s["warmup_pct"]:
+            cells[cols.index("schedule")] = f"{s['schedule']}(linear warm-up {s['warmup_pct']:g})"
         if s["opt"] == "adam":
             cells[cols.index("opt")] = f"adam(sqr_mom {s['sqr_mom']:g}, eps {s['eps']:g})"
         rows.append(cells)

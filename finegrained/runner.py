@@ -47,6 +47,7 @@ def parse_args(argv=None, description=__doc__):
                         "(default recipe: 1e-2,3e-3, frozen then unfrozen); earlier groups get it / lr_div")
     p.add_argument("--wd", type=float, default=None, help="weight decay of every stage (default: from the recipe)")
     cli.add_common_training(p)
+    cli.add_regularization(p)
     p.add_argument("--out", default=None, help="folder for the model, checkpoints, history and metrics (default: "
                                                "runs/<recipe>-<arch>-<dataset>, numbered -2, -3, ... when taken)")
     p.add_argument("--resume", action="store_true",
@@ -310,15 +311,18 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
             write_json(out / "config.json", {**config, "run": {"data": str(data.resolve()), "data_sha256": data_checksums(data),
                                                                "world_size": world, "argv": argv}})
     from finegrained.trackers import close_trackers, tracker_callbacks
+    from finegrained import regularize
     trackers = tracker_callbacks(args.tracker, out, recipe) if distributed.is_main() else []
+    regularizers = regularize.callbacks(recipe, learn.dls.c, resume_from=out if args.resume else None)
     started = time.time()
     try:
         with distributed.context(learn, sync_bn=args.sync_bn):
-            run_stages(learn, stages, make_dls, out, resume=args.resume, extra_cbs=trackers)
+            run_stages(learn, stages, make_dls, out, resume=args.resume, extra_cbs=[*regularizers, *trackers])
     finally:
         close_trackers(trackers)
     if not distributed.is_main():
         return
+    regularize.use_ema_weights(learn, regularizers)  # with an EMA, its weights are the model scored and saved
     last = [s for s in stages if s.epochs][-1]
     metrics = {}
     eval_started = time.time()

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelValidException
 from fastai.callback.progress import ProgressCallback
-from fastai.callback.schedule import ParamScheduler, SchedCos
+from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import AvgLoss
 from fastai.torch_core import setup_cuda
@@ -62,6 +62,7 @@ class Stage:
     div_final: float = 1e5
     sqr_mom: float = 0.99    # adam's beta2 and eps
     eps: float = 1e-5
+    warmup_pct: float = 0.0  # cosine: the share of the stage the rate rises linearly from 0 first (regularize.py)
     lr_rule: str = "none"    # a run-wide setting: "linear" trains at lr x bs / 256
 
     @property
@@ -179,7 +180,7 @@ class EpochRecord(Callback):
         record = self.record
         record.update(stage=self.stage_index, epoch=self.epoch + 1, history=[*record.get("history", []), row])
         if has_valid and row["accuracy"] != "" and row["accuracy"] > record.get("best_accuracy", -1):
-            _atomic_save(model.state_dict(), self.out / BEST)
+            _atomic_save(scored_weights(self.learn, model), self.out / BEST)
             record["best_accuracy"] = row["accuracy"]
         save_checkpoint(self.learn, self.out, record)
         write_views(self.out, record)
@@ -200,12 +201,24 @@ class EpochRecord(Callback):
                                 "(--lr) and start a new run")
 
 
+def scored_weights(learn, model):
+    """The weights validation scored in this fit, for best.pth: a callback's that scores others (regularize.EmaWeights:
+    the EMA's), else `model`'s."""
+    for cb in learn.cbs:
+        state = cb.scored_state() if hasattr(cb, "scored_state") else None
+        if state is not None:
+            return state
+    return model.state_dict()
+
+
 def save_checkpoint(learn, out, record):
     """checkpoint.pth: model, optimizer, random state and the run's record, in one atomic write."""
     opt = learn.opt.state_dict()
     state = {"model": distributed.unwrap(learn.model).state_dict(),
              "opt": _plain({"state": list(opt["state"]), "hypers": [dict(h) for h in learn.opt.hypers]}),
              "record": _plain(record), "rng": rng_state(learn)}
+    for cb in learn.cbs:  # what callbacks keep besides (regularize.EmaWeights: the EMA weights)
+        state.update(cb.checkpoint_state() if hasattr(cb, "checkpoint_state") else {})
     _atomic_save(state, Path(out) / CHECKPOINT)
 
 
@@ -311,6 +324,15 @@ def restore_checkpoint(learn, out, state):
                         f"({type(err).__name__}: {str(err).splitlines()[0][:200]})")
 
 
+def warmup_cosine(lrs, warmup_pct=0.0):
+    """A ParamScheduler schedule: linear from 0 to `lrs` over the first `warmup_pct` of the fit, then cosine to 0 (as
+    torchvision's --lr-warmup-method linear before cosineannealinglr, and the ConvNeXt recipe's warm-up)."""
+    lrs = np.asarray(lrs, dtype=float)
+    if not warmup_pct:
+        return SchedCos(lrs, 0.0)
+    return combine_scheds([warmup_pct, 1 - warmup_pct], [SchedLin(0.0 * lrs, lrs), SchedCos(lrs, 0.0)])
+
+
 def step_decay(lrs, n_epoch, every, gamma):
     """A ParamScheduler schedule: `lrs` multiplied by `gamma` every `every` epochs (fastai has cosine, linear and
     exponential annealers, but no step decay); `pos` is the fraction of the fit done."""
@@ -330,7 +352,7 @@ def fit_stage(learn, stage, first_epoch, cbs):
     elif stage.schedule == "flat":
         learn.fit(stage.epochs, lrs, cbs=cbs, **kw)
     else:
-        sched = (SchedCos(np.array(lrs), 0.0) if stage.schedule == "cosine"
+        sched = (warmup_cosine(lrs, stage.warmup_pct) if stage.schedule == "cosine"
                  else step_decay(lrs, stage.epochs, stage.step_every, stage.step_gamma))
         learn.fit(stage.epochs, lrs, cbs=[*cbs, ParamScheduler({"lr": sched})], **kw)
 

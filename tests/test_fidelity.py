@@ -35,7 +35,8 @@ QUANTITIES = {
     "lr_groups": "parameter groups",
     "lr": "the head group's highest learning rate in the stage",
     "lr_div": "head group's rate / the group before it's, at that peak (1 with one group)",
-    "schedule": "shape of the head's rate over the fit: flat, one_cycle, cosine, step, flat_cos, decay",
+    "schedule": "shape of the head's rate over the fit: flat, one_cycle, cosine, warmup_cosine (a linear rise, then cosine), "
+                "step, flat_cos, decay",
     "pct_start": "where in the fit the rate peaks (0..1)",
     "div": "peak rate / rate at the start",
     "div_final": "peak rate / rate at the end",
@@ -72,6 +73,15 @@ QUANTITIES = {
     "crop_ratio": "training crop size / the size images are resized to first",
     "train_crop": "training crop: random_resized_crop, pad<N>+random_crop, random_crop, none",
     "flip": "whether training images are flipped horizontally",
+    "auto_augment": "torchvision's policy on training items alone (TrivialAugmentWide, RandAugment) or none",
+    "mixup_alpha": "timm Mixup's mixup alpha (0: no mixup)",
+    "cutmix_alpha": "timm Mixup's cutmix alpha (0: no cutmix)",
+    "mixup_prob": "timm Mixup's share of training batches mixed (0 without Mixup)",
+    "mixup_switch_prob": "timm Mixup's share of mixed batches that take cutmix when both are on",
+    "mix_label_smoothing": "the label smoothing timm's Mixup folds into the mixed targets",
+    "batch_loss": "the loss training batches are scored with: the class loss, or soft_target_cross_entropy",
+    "ema_decay": "decay of the EMA of the weights (timm ModelEmaV3; 0: none)",
+    "drop_path_rate": "the highest drop probability of the backbone's DropPath modules (0: no stochastic depth)",
 }
 # how each recipe runs scaled down: arch (a small timm model for the timm recipes), image size, epochs per stage;
 # bs only where the write-up's rate follows the batch (the rule's result is compared). resnets_sgd trains 8 epochs
@@ -83,6 +93,7 @@ RUNS = {
     "bcnn_aircraft": dict(arch="resnet18", size=28, epochs=1),
     "oversample_focal": dict(arch="resnet10t", size=32, epochs=1),
     "localize_effnet": dict(arch="resnet10t", size=32, epochs=1),
+    "modern": dict(arch="convnext_atto", size=32, epochs=2, bs=16),  # ConvNeXt's smallest; 2 epochs for a warm-up and a decay
 }
 
 
@@ -206,7 +217,27 @@ def _data(dls):
     flip_batch = any(getattr(getattr(f, "func", None), "__name__", "") == "flip_mat" and f.keywords.get("p", 0) > 0
                      for t in batch for f in getattr(t, "aff_fs", None) or [])
     out["flip"] = flip_item or flip_batch
+    policy = next((t for t in items if hasattr(t, "policy")), None)  # data.ItemAugment holds torchvision's policy
+    out["auto_augment"] = ("none" if policy is None else type(policy.policy).__name__ if policy.split_idx == 0
+                           else f"{type(policy.policy).__name__} on split {policy.split_idx}, not training alone")
     return out
+
+
+def _regularization(learn):
+    """What timm received: the Mixup's parameters, the EMA's decay, the DropPath modules' probabilities."""
+    from timm.layers import DropPath
+    mixer = next((cb.mixer for cb in learn.cbs if hasattr(cb, "mixer")), None)
+    ema = next((cb.ema for cb in learn.cbs if getattr(cb, "ema", None) is not None), None)
+    drops = [float(m.drop_prob) for m in learn.model.modules() if isinstance(m, DropPath)]
+    return {"mixup_alpha": float(mixer.mixup_alpha) if mixer else 0.0,
+            "cutmix_alpha": float(mixer.cutmix_alpha) if mixer else 0.0,
+            "mixup_prob": float(mixer.mix_prob) if mixer else 0.0,
+            "mixup_switch_prob": float(mixer.switch_prob) if mixer else "no Mixup",
+            "ema_decay": float(ema.decay) if ema is not None else 0.0, "drop_path_rate": max(drops, default=0.0)}
+
+
+_LOSS_NAMES = {"SoftTargetCrossEntropy": "soft_target_cross_entropy", "CrossEntropyLoss": "cross_entropy",
+               "LabelSmoothingCrossEntropy": "label_smoothing", "FocalLoss": "focal"}
 
 
 def fidelity_callback(stage_name, store):
@@ -232,9 +263,14 @@ def fidelity_callback(stage_name, store):
                 "curves": {k: _curve(f, n_groups) for k, f in scheds.items()},
                 "tensors": counts, "last_blocks": last, "n_classes": learn.dls.c,
                 "patience": early[0].patience if early else 0, "loss": _loss(learn.loss_func, learn.dls.c),
-                "data": _data(learn.dls), "dl_bs": learn.dls.train.bs, "batches": []}
+                "data": _data(learn.dls), "dl_bs": learn.dls.train.bs, "batches": [], "reg": _regularization(learn)}
 
         def before_batch(self):
+            if not self.rec["batches"]:  # what the first training batch is scored with, mixed or not
+                func = getattr(self.learn.loss_func, "func", self.learn.loss_func)
+                mixer = next((cb.mixer for cb in self.learn.cbs if hasattr(cb, "mixer")), None)
+                self.rec["reg"].update(batch_loss=_LOSS_NAMES.get(type(func).__name__, type(func).__name__),
+                                       mix_label_smoothing=float(mixer.label_smoothing) if mixer else 0.0)
             x = self.xb[0]
             self.rec["batches"].append({
                 "epoch": self.epoch, "pct": float(self.pct_train), "bs": int(x.shape[0]), "size": tuple(x.shape[-2:]),
@@ -285,6 +321,12 @@ def _schedule(f, epochs):
     top = f.max()
     if top <= 0 or np.ptp(f) <= 1e-9 * top:
         return "flat"
+    peak = int(np.argmax(f))
+    if 0 < peak < len(f) - 1:  # a linear rise from f[0], then a cosine from the peak to f[-1]
+        rise = f[0] + (top - f[0]) * GRID[:peak + 1] / GRID[peak]
+        fall = f[-1] + (top - f[-1]) * (1 + np.cos(np.pi * (GRID[peak:] - GRID[peak]) / (1 - GRID[peak]))) / 2
+        if np.abs(f[:peak + 1] - rise).max() <= 1e-6 * top and np.abs(f[peak:] - fall).max() <= 1e-6 * top:
+            return "warmup_cosine"
     if f[0] < top * (1 - 1e-9):
         return "one_cycle" if f[-1] < top * (1 - 1e-9) else "warmup"
     if np.any(np.diff(f) > 1e-12 * top):
@@ -343,6 +385,7 @@ def observed(rec):
         "smoothing_target_true": "n/a", "box_loss": "none", "box_weight": 0.0,
         **rec["loss"], **rec["data"],
         "patience": rec["patience"], "bs": first["bs"], "size": first["size"][0], "epochs": rec["n_epoch"],
+        **rec["reg"],
     }
     return values
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from finegrained import files
+from finegrained import plots
 from finegrained import runner as run
 from finegrained import train
 from finegrained.errors import RunFailed, UserError
@@ -31,19 +31,29 @@ class Killed(BaseException):
 
 
 def count_writes(monkeypatch, kill_at=None):
-    """Record the name of every file the epoch callbacks write, in order; with `kill_at`, die before that write."""
+    """Record the name of every file the epoch callbacks write, in order; with `kill_at`, die before that write.
+    The epoch's writes: checkpoint.pth and history.csv (train's atomic), progress.json (train's write_json) and the
+    curves (plots' save_png)."""
     log = []
-    for module in (train, files):  # the checkpoint and history.csv; progress.json and the curves (files.write_json, save_png)
-        real = module.atomic
 
-        @contextlib.contextmanager
-        def counted(path, real=real):
-            if len(log) == kill_at:
-                raise Killed(Path(path).name)
-            log.append(Path(path).name)
-            with real(path) as tmp:
-                yield tmp
-        monkeypatch.setattr(module, "atomic", counted)
+    def before(path):
+        if len(log) == kill_at:
+            raise Killed(Path(path).name)
+        log.append(Path(path).name)
+
+    real_atomic = train.atomic
+
+    @contextlib.contextmanager
+    def counted(path):
+        before(path)
+        with real_atomic(path) as tmp:
+            yield tmp
+    monkeypatch.setattr(train, "atomic", counted)
+    for module, name, path_arg in ((train, "write_json", 0), (plots, "save_png", 1)):
+        def wrapped(*args, real=getattr(module, name), path_arg=path_arg, **kwargs):
+            before(args[path_arg])
+            return real(*args, **kwargs)
+        monkeypatch.setattr(module, name, wrapped)
     return log
 
 
