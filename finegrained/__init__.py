@@ -3,9 +3,10 @@ as timm keeps its scripts over the timm package.
 
 Layers, top to bottom; a module imports only from layers below its own, and modules on one line not from each
 other (import-linter checks this from pyproject.toml: `make lint`, part of `make test`):
+  predictor                                     the Python API: a run folder or an exported file, predicting images
   runner | holdout                              run.py's and test.py's command lines and what they do
   sanity | report | explain | trackers          checks and views of a run
-  | regularize                                  mixup/cutmix and the EMA of the weights, as fastai callbacks
+  | regularize | onnx_model                     mixup/cutmix and the EMA as fastai callbacks; an exported file run by onnxruntime
   train                                         the stages, on fastai's Learner
   distributed | plots                           data-parallel plumbing; the training curves
   models                                        the Learner: backbone, head, loss, optimizer

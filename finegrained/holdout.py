@@ -5,6 +5,7 @@
     python test.py --model runs/NAME --folder photo.jpg    # one image
     python test.py --model runs/NAME --folder DIR --csv files.csv --predict-only   # predictions only
     python test.py --model runs/CROP --localizer runs/LOC --folder DIR --csv labels.csv   # crops from LOC's boxes
+    python test.py --model runs/NAME/model.onnx --folder DIR --csv labels.csv   # an exported file (export.py), by onnxruntime
 
 Every row is scored once, in the CSV's order, at the model's image size, without augmentation
 (unless --tta). Labels may be class ids or class names, matched to the model's classes by value, never
@@ -19,7 +20,10 @@ A model trained with --head localize also predicts each image's box: written as 
 pixels, 1-based like the devkit), scored (mean IoU, IoU >= 0.5) when the CSV has boxes (bbox_x1..bbox_y2, or in a
 headerless devkit CSV the four columns beside the file and label columns), and drawn with --draw-boxes N into
 <out>_boxes.png. A model trained with --crop-bbox is scored on the CSV's boxes, or,
-with --localizer LOC, on the boxes LOC predicts, grown by the model's own margin."""
+with --localizer LOC, on the boxes LOC predicts, grown by the model's own margin.
+
+An exported .onnx file (export.py) is scored by onnxruntime through the same loader, prepared as the JSON beside it
+says (model.json's keys), with the same outputs, boxes included; Grad-CAM (--heatmaps) needs the run folder."""
 import re
 import sys
 from pathlib import Path
@@ -42,7 +46,9 @@ NAME_HEADER = re.compile(r"(class|label|category|target)?[ _-]?name")   # ... of
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
-    p.add_argument("--model", required=True, help="trained model folder (model.safetensors + model.json, from run.py)")
+    p.add_argument("--model", required=True,
+                   help="trained model folder (model.safetensors + model.json, from run.py), or an exported .onnx file "
+                        "(export.py; run by onnxruntime, the JSON beside it read for the preprocessing and classes)")
     p.add_argument("--folder", required=True,
                    help="folder of hold-out images (CSV file names are relative to it), of class folders "
                         "(DIR/<class name>/*.jpg, scored without --csv), or one image")
@@ -302,17 +308,26 @@ def predict(model, meta, df, folder, bs, tta=False, workers=None):
     return probs.float()
 
 
+def load_model(path):
+    """(model, metadata): a run folder's PyTorch model (models.load_trained), or an exported .onnx file's, run by
+    onnxruntime behind the same interface (onnx_model.load_onnx; its metadata is the JSON beside it)."""
+    from finegrained.onnx_model import is_onnx, load_onnx
+    if is_onnx(path):
+        return load_onnx(path)
+    from finegrained.models import load_trained
+    return load_trained(path)
+
+
 def is_localizer(meta):
     return meta.get("head") == "localize"
 
 
 def load_localizer(path, model_path, meta):
     """(model, metadata) of --localizer: a localize model trained on the same classes as the model it crops for."""
-    from finegrained.models import load_trained
     if not meta.get("crop_bbox"):
         raise UserError(f"--localizer gives the box crops of a model trained with --crop-bbox; {model_path} was trained "
                         "on whole images and needs no boxes")
-    loc, loc_meta = load_trained(path)
+    loc, loc_meta = load_model(path)
     if not is_localizer(loc_meta):
         raise UserError(f"--localizer {path}: this model has no box head (head {loc_meta.get('head', 'concat')!r}); "
                         "train one with run.py --head localize")
@@ -516,8 +531,11 @@ def explain_and_report(args, model, meta, df, folder, probs, true, out, boxes_ca
 
 def main(argv=None):
     args = parse_args(argv)
-    from finegrained.models import load_trained
-    model, meta = load_trained(args.model)
+    from finegrained.onnx_model import is_onnx
+    if args.heatmaps and is_onnx(args.model):
+        raise UserError(f"--heatmaps needs the PyTorch model (Grad-CAM follows gradients, which {args.model} does not "
+                        "give): score its run folder for heatmaps")
+    model, meta = load_model(args.model)
     localize = is_localizer(meta)
     if localize and args.tta:
         raise UserError("--tta is for classification models: fastai's test-time augmentation would average boxes from "
@@ -600,6 +618,12 @@ def main(argv=None):
 
 
 def default_out(args):
-    """<model>/predictions/<CSV or folder name>.csv: beside the model it scored, never in the current folder."""
+    """<model>/predictions/<CSV or folder name>.csv: beside the model it scored, never in the current folder; for an
+    exported file, <its folder>/predictions/<its name>_<CSV or folder name>.csv."""
+    from finegrained.onnx_model import is_onnx
     source = Path(args.csv or args.folder).resolve()
-    return Path(args.model) / "predictions" / f"{source.stem if args.csv or source.is_file() else source.name}.csv"
+    name = f"{source.stem if args.csv or source.is_file() else source.name}.csv"
+    if is_onnx(args.model):
+        return Path(args.model).parent / "predictions" / f"{Path(args.model).stem}_{name}"
+    return Path(args.model) / "predictions" / name
+
