@@ -1,4 +1,5 @@
 """Shared fixtures: generated datasets in the real file formats and one tiny model trained on them."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,15 @@ sys.path.insert(0, str(ROOT / "tools"))
 import synth  # noqa: E402
 
 N_CLASSES = 4
+# session fixtures that train a model: every test that needs one is end to end, so it is marked slow
+TRAINING_FIXTURES = {"trained", "ddp_run", "runs", "exported", "localizer", "reference"}
+
+
+def pytest_collection_modifyitems(items):
+    """The quick tier (`pytest -m "not slow"`) leaves out every test that trains, or needs a model trained for it."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 class PickleBomb:
@@ -19,6 +29,39 @@ class PickleBomb:
 
     def __reduce__(self):
         return (eval, ("__import__('pathlib').Path('PWNED').write_text('x')",))
+
+
+TINY = ["--no-pretrained", "--workers", "0"]  # run.py's flags for a model trained from scratch, in the test's process
+SCORE_LINES = {"accuracy": r"^accuracy: ([0-9.]+)$", "top5": r"^top-5 accuracy: ([0-9.]+)$",
+               "mean_iou": r"^mean IoU: ([0-9.]+)", "iou50": r"^IoU >= 0.5: ([0-9.]+)$"}
+
+
+def holdout_scores(capsys, *args):
+    """test.py in this process: ({score: value} of the lines it printed, everything it printed)."""
+    from finegrained import holdout
+    holdout.main([str(a) for a in args])
+    out = capsys.readouterr().out
+    return {k: float(m.group(1)) for k, pattern in SCORE_LINES.items() if (m := re.search(pattern, out, re.M))}, out
+
+
+def holdout_accuracy(capsys, *args):
+    """test.py in this process: (the accuracy it printed, or None, everything it printed)."""
+    found, out = holdout_scores(capsys, *args)
+    return found.get("accuracy"), out
+
+
+@pytest.fixture
+def scoring_batches(monkeypatch):
+    """[(args, kwargs, loader)] of every data.inference_dl call: the loaders test.py scores with, for the test to read."""
+    from finegrained import data
+    seen, real = [], data.inference_dl
+
+    def spy(*args, **kwargs):
+        dls, dl = real(*args, **kwargs)
+        seen.append((args, kwargs, dl))
+        return dls, dl
+    monkeypatch.setattr(data, "inference_dl", spy)
+    return seen
 
 
 def run_script(script, *args, cwd=None, timeout=300):

@@ -22,7 +22,7 @@ from finegrained import cli
 import export
 from finegrained import onnx_model
 from finegrained.errors import UserError
-from conftest import ROOT
+from conftest import ROOT, holdout_scores
 
 from finegrained import holdout
 
@@ -137,19 +137,11 @@ def test_the_json_alone_prepares_images_as_test_py_does(head, resize, runs, expo
         assert np.abs(found["box"] - boxes.numpy()).max() <= 1e-4
 
 
-def score(capsys, *args):
-    holdout.main([str(a) for a in args])
-    out = capsys.readouterr().out
-    return {k: float(m.group(1)) for k, pattern in (("accuracy", r"^accuracy: ([0-9.]+)$"), ("top5", r"^top-5 accuracy: ([0-9.]+)$"),
-                                                    ("mean_iou", r"^mean IoU: ([0-9.]+)"), ("iou50", r"^IoU >= 0.5: ([0-9.]+)$"))
-            if (m := re.search(pattern, out, re.M))}
-
-
 @pytest.mark.parametrize("head", ["concat", "localize"])
 def test_test_py_scores_the_onnx_file_as_it_scores_the_run(head, runs, exported, prepared, tmp_path, capsys):
     common = ["--folder", prepared, "--csv", prepared / "test.csv", "--workers", 0]
-    run_scores = score(capsys, "--model", runs[head], *common, "--out", tmp_path / "run.csv")
-    onnx_scores = score(capsys, "--model", exported[head], *common, "--out", tmp_path / "onnx.csv")
+    run_scores, _ = holdout_scores(capsys, "--model", runs[head], *common, "--out", tmp_path / "run.csv")
+    onnx_scores, _ = holdout_scores(capsys, "--model", exported[head], *common, "--out", tmp_path / "onnx.csv")
     assert set(run_scores) == set(onnx_scores) == ({"accuracy", "top5", "mean_iou", "iou50"} if head == "localize"
                                                    else {"accuracy", "top5"})
     assert onnx_scores == run_scores
@@ -185,7 +177,7 @@ def test_predictor_gives_test_pys_top5_probabilities_and_boxes(runs, exported, p
     from finegrained.predictor import Predictor
     folder = prepared / "test"
     for head in ("concat", "localize"):
-        score(capsys, "--model", runs[head], "--folder", folder, "--predict-only", "--out", tmp_path / f"{head}.csv",
+        holdout_scores(capsys, "--model", runs[head], "--folder", folder, "--predict-only", "--out", tmp_path / f"{head}.csv",
               "--workers", 0)
         expected = pd.read_csv(tmp_path / f"{head}.csv").set_index("filename")
         for source in (runs[head], exported[head]):
@@ -242,7 +234,7 @@ def test_the_readme_python_lines_run(runs, prepared, tmp_path, monkeypatch, caps
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     printed = capsys.readouterr().out.strip().splitlines()
-    score(capsys, "--model", runs["localize"], "--folder", tmp_path / "photos", "--predict-only", "--out", tmp_path / "p.csv",
+    holdout_scores(capsys, "--model", runs["localize"], "--folder", tmp_path / "photos", "--predict-only", "--out", tmp_path / "p.csv",
           "--workers", 0)
     expected = pd.read_csv(tmp_path / "p.csv")
     top = namespace["top"]

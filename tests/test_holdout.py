@@ -16,16 +16,9 @@ import pytest
 from PIL import Image
 
 from finegrained.errors import UserError
-from conftest import PickleBomb, run_script
+from conftest import PickleBomb, holdout_accuracy as score, run_script
 
 from finegrained import holdout
-
-
-def score(capsys, *args):
-    holdout.main([str(a) for a in args])
-    out = capsys.readouterr().out
-    match = re.search(r"^accuracy: ([0-9.]+)$", out, re.M)
-    return float(match.group(1)) if match else None, out
 
 
 def test_printed_accuracy_is_the_predictions_csv(trained, prepared, tmp_path, capsys):
@@ -265,20 +258,6 @@ def test_written_per_class_csv_and_confusion_png_hold_the_hand_counts(tmp_path, 
     assert [t.get_text() for t in drawn[-1][0].get_yticklabels()] == ["3: Alfa", "7: Bravo"]
 
 
-@pytest.fixture
-def scoring_batches(monkeypatch):
-    """The loaders test.py scores with (data.inference_dl's second result), kept for the test to read."""
-    from finegrained import data
-    seen, real = [], data.inference_dl
-
-    def spy(*args, **kwargs):
-        dls, dl = real(*args, **kwargs)
-        seen.append(dl)
-        return dls, dl
-    monkeypatch.setattr(data, "inference_dl", spy)
-    return seen
-
-
 def test_box_crop_model_is_scored_on_its_own_margin_and_upright(tmp_path, scoring_batches, capsys):
     """test.py crops as the model was trained (model.json's bbox_margin, not the default), on the photo as
     displayed: here stored sideways with an EXIF orientation tag, the box given on the upright photo."""
@@ -290,7 +269,7 @@ def test_box_crop_model_is_scored_on_its_own_margin_and_upright(tmp_path, scorin
     model = model_folder(tmp_path / "model", SPARSE, size=40, crop_bbox=True, bbox_margin=0.3)
     score(capsys, "--model", model, "--folder", tmp_path, "--csv", tmp_path / "h.csv", "--out", tmp_path / "p.csv",
           "--workers", 0)
-    (dl,) = scoring_batches
+    ((_, _, dl),) = scoring_batches
     got = (dl.one_batch()[0][0].permute(1, 2, 0).cpu().numpy() * 255)  # normalize: mean 0, std 1
 
     def resized(region):

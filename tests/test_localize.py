@@ -13,11 +13,10 @@ from PIL import Image
 
 from finegrained import runner as run
 from finegrained.errors import UserError
-from conftest import run_script
+from conftest import TINY, holdout_scores as score, run_script
 
 from finegrained import holdout
 
-TINY = ["--no-pretrained", "--workers", "0"]
 BOX = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]
 PRED = ["pred_x1", "pred_y1", "pred_x2", "pred_y2"]
 COLOURS = [(250, 250, 250), (250, 220, 40), (60, 220, 250)]
@@ -26,16 +25,6 @@ COLOURS = [(250, 250, 250), (250, 220, 40), (60, 220, 250)]
 def train(data, out, *flags):
     run.main(["--data", str(data), *TINY, "--out", str(out), *map(str, flags)])
     return json.loads((out / "metrics.json").read_text()), json.loads((out / "model.json").read_text())
-
-
-def score(capsys, *args):
-    holdout.main([str(a) for a in args])
-    out = capsys.readouterr().out
-    found = {k: float(m.group(1)) for k, pattern in (("accuracy", r"^accuracy: ([0-9.]+)$"),
-                                                     ("mean_iou", r"^mean IoU: ([0-9.]+)"),
-                                                     ("iou50", r"^IoU >= 0.5: ([0-9.]+)$"))
-             if (m := re.search(pattern, out, re.M))}
-    return found, out
 
 
 def numpy_iou(a, b):
@@ -231,20 +220,6 @@ def test_draw_boxes_draws_the_csvs_true_boxes_and_the_report_shows_them(layout, 
 
 
 # ---------------------------------------------------------------- test.py --localizer
-
-@pytest.fixture
-def scoring_batches(monkeypatch):
-    """The loaders test.py scores with (data.inference_dl's second result), kept for the test to read."""
-    from finegrained import data
-    seen, real = [], data.inference_dl
-
-    def spy(*args, **kwargs):
-        dls, dl = real(*args, **kwargs)
-        seen.append((args, kwargs, dl))
-        return dls, dl
-    monkeypatch.setattr(data, "inference_dl", spy)
-    return seen
-
 
 def test_localizer_boxes_crop_for_a_crop_bbox_model(localizer, boxes_data, tmp_path, scoring_batches, capsys):
     from finegrained.data import inference_dl

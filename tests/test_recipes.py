@@ -13,10 +13,7 @@ import torch
 from finegrained import recipe as recipes
 from finegrained import runner as run
 from finegrained.errors import UserError
-from conftest import run_script
-
-TINY = ["--no-pretrained", "--workers", "0"]
-
+from conftest import TINY, run_script
 
 def train(prepared, out, *flags):
     run.main(["--data", str(prepared), *TINY, "--out", str(out), *map(str, flags)])

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from fastai.callback.core import Callback, CancelValidException
+from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 import fastai.callback.schedule  # noqa: F401  (adds Learner.fit_one_cycle)
 from fastai.data.core import DataLoaders
@@ -18,14 +18,10 @@ from torch.utils.data import TensorDataset
 
 from finegrained import trackers
 from finegrained.errors import UserError
+from finegrained.train import SkipValidation
 from conftest import ROOT
 
 RECIPE = {"arch": "resnet18", "epochs": [2, 1, 0], "lr": [0.01, 0.003], "stages": [{"name": "frozen", "epochs": 2}]}
-
-
-class NoValidation(Callback):
-    def before_validate(self):
-        raise CancelValidException()
 
 
 class Expected(Callback):
@@ -70,7 +66,7 @@ def train_two_stages(name, run, valid=True, first_step=None):
     learn, expected = tiny_learner(), Expected()
     cbs = trackers.tracker_callbacks(name, run, RECIPE, first_step)
     learn.add_cbs(cbs + [expected])
-    fit_cbs = [] if valid else [NoValidation()]   # as run_stages does with no validation split
+    fit_cbs = [] if valid else [SkipValidation()]   # as run_stages does with no validation split
     learn.fit_one_cycle(2, [1e-3, 1e-2], cbs=fit_cbs)
     learn.fit_one_cycle(1, [3e-4, 3e-3], cbs=fit_cbs)
     learn.get_preds(dl=learn.dls.valid)   # sends epoch events too: must log nothing
