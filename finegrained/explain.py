@@ -1,7 +1,7 @@
 """Why the model said what it said: Grad-CAM heatmaps of chosen images and the images with the
 highest loss, each as one PNG grid with the true and predicted class and the probability.
 
-    rows = select_examples(probs, true, n)                      # most confident mistakes, then correct
+    rows = select_examples(probs, true, n)                      # highest-loss mistakes, then correct, across classes
     maps = gradcam_maps(model, images, classes)                 # images: normalized model inputs
     heatmap_grid(denormalize(images, stats), maps, captions, "out_heatmaps.png")
     write_heatmaps(...) / write_top_losses(...) do all of it from probabilities and a loader of rows.
@@ -13,6 +13,7 @@ Top losses are taken from the probabilities already computed (the cross-entropy 
 class) rather than through fastai's ClassificationInterpretation, whose from_learner runs
 inference again over a labelled loader of the training DataBlock: test.py's hold-out loader has
 no labels (they are matched to the model's classes by id or name) and may be TTA-averaged."""
+import itertools
 import math
 
 import numpy as np
@@ -24,12 +25,13 @@ from torchcam.methods import GradCAM
 from torchcam.utils import overlay_mask
 
 from finegrained.errors import UserError
-
 from finegrained.files import save_png
 
-CELL_INCHES, GRID_DPI = (2.0, 2.55), 100    # one image and its caption: 200 x 255 px
-CAPTION_INCHES, TITLE_INCHES = 0.55, 0.3    # four caption lines under each image; the title over the grid
-HEATMAP_COLUMNS, TOP_LOSS_COLUMNS = 4, 6    # examples per row (a heatmap example is two cells: image, map)
+# Sized so that the report (report.CONTENT_PX wide) shows a grid at its own size: 4 cells of 290 px to a row,
+# captions in 9 pt at 100 dpi (12.5 px), never scaled down. A cell: the image, then up to four caption lines.
+GRID_DPI, CELL_INCHES, CAPTION_INCHES, TITLE_INCHES = 100, 2.9, 0.72, 0.4
+CAPTION_PT, TITLE_PT = 9, 11
+HEATMAP_COLUMNS, TOP_LOSS_COLUMNS = 2, 4    # examples per row (a heatmap example is two cells: image, map)
 
 
 # ---------------------------------------------------------------- Grad-CAM
@@ -83,14 +85,42 @@ def gradcam_maps(model, images, class_indices, target_layer=None, bs=16):
 
 # ---------------------------------------------------------------- which rows to show
 
+def across_classes(rows, key, true, n):
+    """Up to `n` of `rows`, taken a class at a time: each true class's rows by `key` (highest first, ties by row),
+    the classes in the order of their best row; round k takes every class's k-th row. So n examples come from
+    min(n, classes) classes, where the n best overall may all be of one class. (Hand-written: itertools has no
+    round-robin, and this is its four-line recipe.)"""
+    rows = np.sort(np.asarray(rows, dtype=int))
+    by_class = {}   # dicts keep insertion order: the classes by their best row
+    for r in rows[np.argsort(-np.asarray(key)[rows], kind="stable")]:
+        by_class.setdefault(int(true[r]), []).append(int(r))
+    picked = [r for round_ in itertools.zip_longest(*by_class.values()) for r in round_ if r is not None]
+    return np.array(picked[:n], dtype=int)
+
+
 def select_examples(probs, true, n):
-    """(mistakes, correct): row indices of the `n` most confident wrong predictions and the `n` most
-    confident right ones, most confident first (ties by row order)."""
-    probs, true = torch.as_tensor(probs).float(), torch.as_tensor(np.asarray(true)).long()
+    """(mistakes, correct): row indices of up to `n` wrong predictions, highest loss (-log p of the true class)
+    first, and up to `n` right ones, most confident first, each spread over the true classes (across_classes)."""
+    probs, true = torch.as_tensor(probs).float(), np.asarray(true).astype(int)
     conf, pred = probs.max(1)
-    order = np.argsort(-conf.numpy(), kind="stable")
-    wrong = (pred != true).numpy()
-    return order[wrong[order]][:n], order[~wrong[order]][:n]
+    loss = -probs.gather(1, torch.as_tensor(true)[:, None])[:, 0].clamp_min(1e-12).log()
+    wrong = pred.numpy() != true
+    return (across_classes(np.flatnonzero(wrong), loss.numpy(), true, n),
+            across_classes(np.flatnonzero(~wrong), conf.numpy(), true, n))
+
+
+def heatmaps_title(probs, true, mistakes, correct):
+    """What a heatmap grid shows, true also when there are no mistakes (or nothing correct) to show."""
+    true = np.asarray(true).astype(int)
+    wrong_total = int((torch.as_tensor(probs).argmax(1).numpy() != true).sum())
+    classes = len(set(true[np.concatenate([mistakes, correct]).astype(int)].tolist()))
+    across = f", from {classes} class{'es' if classes != 1 else ''}"
+    if not len(mistakes):
+        return f"no mistakes among the {len(true)} images; {len(correct)} correct (green){across}"
+    shown = f"{len(mistakes)} highest-loss mistake{'s' if len(mistakes) != 1 else ''} (red, of {wrong_total})"
+    if not len(correct):
+        return f"{shown}{across}; no image was classified correctly"
+    return f"{shown}, {len(correct)} correct (green){across}"
 
 
 def top_losses(probs, true, n):
@@ -112,29 +142,29 @@ def denormalize(images, stats):
 def grid_pixels(n_cells, columns):
     """(width, height) in pixels of a grid of `n_cells` cells, `columns` to a row."""
     cols, rows = min(n_cells, columns), math.ceil(n_cells / columns)
-    return round(cols * CELL_INCHES[0] * GRID_DPI), round(rows * CELL_INCHES[1] * GRID_DPI)
+    return round(cols * CELL_INCHES * GRID_DPI), round((TITLE_INCHES + rows * (CELL_INCHES + CAPTION_INCHES)) * GRID_DPI)
 
 
 def _grid(cells, columns, path, title):
-    """cells: [(HxWx3 array in [0, 1], caption, caption colour)]; one PNG, written atomically.
+    """cells: [(HxWx3 array in [0, 1], caption, caption colour)]; one PNG, written atomically; returns its size.
     Laid out here because fastai's show_images and plot_top_losses draw into pyplot's current figure,
     sized by the number of images, with no caption colour and nothing to save it atomically."""
     if not cells:
         raise UserError(f"{path}: nothing to show")
     width, height = grid_pixels(len(cells), columns)
-    fig = Figure(figsize=(width / GRID_DPI, height / GRID_DPI), dpi=GRID_DPI)
-    cols, rows = min(len(cells), columns), math.ceil(len(cells) / columns)
-    # each row: the image, then its caption; the title takes the top of the first row
-    image_inches = CELL_INCHES[1] - CAPTION_INCHES - TITLE_INCHES / rows
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=CAPTION_INCHES / (height / GRID_DPI),
-                        top=1 - TITLE_INCHES / (height / GRID_DPI), wspace=0.06, hspace=CAPTION_INCHES / image_inches)
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes:
+    w_in, h_in = width / GRID_DPI, height / GRID_DPI
+    fig = Figure(figsize=(w_in, h_in), dpi=GRID_DPI)
+    pad = 0.05   # inches between neighbouring images
+    for k, (image, caption, colour) in enumerate(cells):
+        row, col = divmod(k, columns)
+        top = h_in - TITLE_INCHES - row * (CELL_INCHES + CAPTION_INCHES)
+        ax = fig.add_axes([(col * CELL_INCHES + pad) / w_in, (top - CELL_INCHES + pad) / h_in,
+                           (CELL_INCHES - 2 * pad) / w_in, (CELL_INCHES - 2 * pad) / h_in])
         ax.axis("off")
-    for ax, (image, caption, colour) in zip(axes, cells):
         ax.imshow(image, interpolation="bilinear")
-        ax.set_title(caption, fontsize=6.5, color=colour, y=-0.02, va="top", pad=0)
-    fig.suptitle(title, fontsize=9, y=1 - 0.05 / height * GRID_DPI, va="top")
+        ax.text(0.5, -0.02, caption, transform=ax.transAxes, fontsize=CAPTION_PT, color=colour, ha="center", va="top",
+                linespacing=1.15)
+    fig.text(0.5, 1 - 0.08 / h_in, title, fontsize=TITLE_PT, ha="center", va="top")
     save_png(fig, path)
     return width, height
 
@@ -159,7 +189,7 @@ def heatmap_grid(images, maps, captions, path, colours=None, title="Grad-CAM: wh
     return _grid(cells, 2 * HEATMAP_COLUMNS, path, title)
 
 
-def top_losses_grid(images, captions, path, title="Highest loss: the images the model got most wrong"):
+def top_losses_grid(images, captions, path, title="Highest loss: the lowest probability of the true class"):
     """A PNG of the images, TOP_LOSS_COLUMNS to a row, each with its caption; `images` in [0, 1]."""
     return _grid([(_hwc(im), c, "black") for im, c in zip(images, captions)], TOP_LOSS_COLUMNS, path, title)
 
@@ -176,10 +206,10 @@ def caption(name_true, name_pred, prob, loss=None, width=30, file=None):
 # ---------------------------------------------------------------- all of it, for test.py and run.py
 
 def write_heatmaps(model, load_images, probs, true, class_names, n, path, stats, target_layer=None, files=None):
-    """`<out>_heatmaps.png`: the n most confident mistakes (red captions), then n correct (green),
-    each with the Grad-CAM of its predicted class. `load_images(row_indices)` returns the
-    normalized model inputs of those rows; `files`, the file name of each row, captions them.
-    Returns the rows shown, or None when there is nothing."""
+    """`<out>_heatmaps.png`: up to n mistakes, highest loss first (red captions), then up to n correct, most
+    confident first (green), both spread over the true classes (select_examples), each with the Grad-CAM of its
+    predicted class. `load_images(row_indices)` returns the normalized model inputs of those rows; `files`, the
+    file name of each row, captions them. Returns the rows shown, or None when there is nothing."""
     mistakes, correct = select_examples(probs, true, n)
     rows = np.concatenate([mistakes, correct]).astype(int)
     if not len(rows):
@@ -192,7 +222,7 @@ def write_heatmaps(model, load_images, probs, true, class_names, n, path, stats,
                         file=None if files is None else files[r]) for r in rows]
     colours = ["#b00020"] * len(mistakes) + ["#1b7a1b"] * len(correct)
     heatmap_grid(denormalize(x, stats), maps, captions, path, colours,
-                 title=f"Grad-CAM: {len(mistakes)} most confident mistakes (red), {len(correct)} correct (green)")
+                 title=f"Grad-CAM: {heatmaps_title(probs, true, mistakes, correct)}")
     return rows
 
 
@@ -205,5 +235,8 @@ def write_top_losses(load_images, probs, true, class_names, n, path, stats, file
     pred = probs.argmax(1).numpy()
     captions = [caption(class_names[true[r]], class_names[pred[r]], float(probs[r, pred[r]]), float(l),
                         file=None if files is None else files[r]) for r, l in zip(rows, losses)]
-    top_losses_grid(denormalize(load_images(rows), stats), captions, path)
+    wrong = int((pred[rows] != np.asarray(true)[rows]).sum())
+    top_losses_grid(denormalize(load_images(rows), stats), captions, path,
+                    title=f"Highest loss: the {len(rows)} images with the lowest probability of their true class "
+                          f"({wrong} of them misclassified)")
     return rows

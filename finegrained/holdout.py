@@ -35,6 +35,7 @@ from finegrained import cli
 from finegrained.errors import UserError
 from finegrained.files import save_png, write_csv
 from finegrained.images import BOX_COLUMNS, BOX_MARGIN, IMAGE_SUFFIXES
+from finegrained.report import per_class_table   # shared with run.py's report
 
 FNAME_NAMES = ("filename", "fname", "file", "image", "path", "relative_im_path")
 PRED_BOX_COLUMNS = ["pred_x1", "pred_y1", "pred_x2", "pred_y2"]
@@ -74,7 +75,8 @@ def parse_args(argv=None):
                    help="for a model trained with --crop-bbox: crop each image to the box that LOC (a model trained with "
                         "--head localize on the same classes) predicts, grown by the model's margin, instead of the CSV's boxes")
     p.add_argument("--heatmaps", type=int, default=0, metavar="N",
-                   help="with labels: <out>_heatmaps.png, Grad-CAM of the N most confident mistakes and N correct images")
+                   help="with labels: <out>_heatmaps.png, Grad-CAM of the N highest-loss mistakes and the N most confident "
+                        "correct images, each spread over the true classes")
     p.add_argument("--top-losses", type=int, default=0, metavar="N",
                    help="with labels: <out>_top_losses.png, the N images with the highest loss")
     p.add_argument("--draw-boxes", type=int, default=0, metavar="N",
@@ -400,20 +402,6 @@ def confusion_matrix(true, pred, n):
     return np.bincount(true * n + pred, minlength=n * n).reshape(n, n)
 
 
-def per_class_table(true, pred, classes):
-    """One row per true class present: class_id, class_name, images (of that true class), correct, accuracy;
-    worst first (ties by class id)."""
-    ids = np.array([int(c["id"]) for c in classes])
-    names = np.array([str(c["name"]) for c in classes])
-    true, pred = np.asarray(true), np.asarray(pred)
-    rows = pd.DataFrame({"index": true, "correct": true == pred})
-    table = rows.groupby("index")["correct"].agg(images="count", correct="sum").reset_index()
-    table.insert(0, "class_id", ids[table["index"]])
-    table.insert(1, "class_name", names[table["index"]])
-    table["accuracy"] = (table["correct"] / table["images"]).round(4)
-    return table.drop(columns="index").sort_values(["accuracy", "class_id"], ignore_index=True)
-
-
 def confusion_png(true, pred, classes, path, most=20):
     """The confusion matrix (rows: true class, columns: predicted; see confusion_matrix) over the `most`
     classes involved in the most errors, labelled, as a PNG."""
@@ -505,9 +493,14 @@ def explain_and_report(args, model, meta, df, folder, probs, true, out, boxes_ca
                              localize=is_localizer(meta))
         return torch.cat([b[0] for b in dl]).cpu()
 
+    captions = {}
     if args.heatmaps:
-        explain.write_heatmaps(model.cpu(), load_images, probs, true, labels, args.heatmaps, f"{stem}_heatmaps.png", stats,
-                               files=list(df["filename"]))
+        shown = explain.write_heatmaps(model.cpu(), load_images, probs, true, labels, args.heatmaps, f"{stem}_heatmaps.png",
+                                       stats, files=list(df["filename"]))
+        if shown is not None:   # what the grid's title says, also when there are no mistakes to show
+            mistakes = [r for r in shown if probs[r].argmax() != true[r]]
+            captions["heatmaps_caption"] = (explain.heatmaps_title(probs, true, mistakes, [r for r in shown if r not in mistakes])
+                                            + "; beside each image, the Grad-CAM of its predicted class")
         print(f"heatmaps: {stem}_heatmaps.png")
     if args.top_losses:
         explain.write_top_losses(load_images, probs, true, labels, args.top_losses, f"{stem}_top_losses.png", stats,
@@ -524,7 +517,7 @@ def explain_and_report(args, model, meta, df, folder, probs, true, out, boxes_ca
         per_class=f"{stem}_per_class.csv" if true is not None else None,
         confusion=f"{stem}_confusion.png" if true is not None else None,
         boxes=f"{stem}_boxes.png" if args.draw_boxes else None, boxes_caption=boxes_caption,
-        heatmaps=f"{stem}_heatmaps.png" if args.heatmaps else None,
+        heatmaps=f"{stem}_heatmaps.png" if args.heatmaps else None, **captions,
         top_losses=f"{stem}_top_losses.png" if args.top_losses else None))
     print(f"report: {stem}_report.html")
 

@@ -1,21 +1,25 @@
-"""Training curves: one PNG of a run's history.csv (losses, accuracy, stage and image-size changes,
-learning rate per parameter group), rewritten atomically after each epoch.
+"""The run's pictures: its training curves (history.csv: losses, accuracy, stage and image-size changes,
+learning rate per parameter group), rewritten atomically after each epoch; a grid of augmented training
+images, what the model sees; and the LR range test with its suggestions explained.
 
     training_curves("runs/NAME/history.csv", "runs/NAME/training_curves.png")
+    batch_grid(dls.train, "runs/NAME/augmented_batch.png", {class_id: name})
+    lr_find_plot(lrs, losses, {"valley": 1.2e-3, ...}, "valley", "loss_plot_frozen.png", title)
 
 matplotlib draws it through its object API (matplotlib.figure.Figure), so that nothing here
 touches pyplot's global state or backend; pandas reads the CSV. What is hand-written is only the
 layout: fastai's Recorder.plot_loss plots one fit's per-batch loss, not a history spanning stages
 (and resumed processes) with its stage, size and per-group learning-rate context."""
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from fastai.torch_core import no_random
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from finegrained.errors import UserError
-
 from finegrained.files import save_png
 
 CURVES_INCHES, CURVES_DPI = (10, 7.5), 100   # 1000 x 750 px
@@ -25,6 +29,14 @@ LOSSES = {"train_loss": ("train loss", "C0", "-"), "valid_loss": ("valid loss", 
 SCORES = {"accuracy": ("valid accuracy", "C2", "-"), "top5_accuracy": ("valid top-5 accuracy", "C3", ":"),
           "mean_iou": ("valid mean box IoU", "C8", "-."), "iou50": ("valid boxes IoU >= 0.5", "C9", "-.")}
 MARKERS_UP_TO = 40                           # epochs; past that, markers clutter the lines
+BATCH_PNG, BATCH_IMAGES, BATCH_COLUMNS = "augmented_batch.png", 16, 4
+BATCH_CELL_INCHES, BATCH_TITLE_INCHES, BATCH_DPI = 2.4, 0.55, 100   # 240 px an image, 4 to a row: 960 px wide
+# fastai's suggestion functions (fastai.callback.schedule), what each marks, in a legend's words
+SUGGESTIONS = {"valley": "the middle of the longest stretch where the loss keeps falling",
+               "steep": "where the loss falls fastest",
+               "minimum": "a tenth of the lr at the lowest loss (x)",
+               "slide": "where the loss stops falling, sliding back from the end"}
+LR_FIND_PNG, LR_FIND_JSON = "loss_plot_{stage}.png", "lr_find_{stage}.json"  # lr_find.py writes them into --out
 
 
 def read_history(history):
@@ -155,3 +167,71 @@ def _mark_stages(ax, data, label):
         if label:
             ax.text(boundary + 0.1, 0.03, f"{size:g} px", transform=transform, ha="left", va="bottom",
                     fontsize=8, color="C1")
+
+
+def batch_grid(dl, path, names=None, n=BATCH_IMAGES, columns=BATCH_COLUMNS):
+    """fastai's show_batch of a training loader, into a PNG at `path` (atomically): up to `n` images of one batch,
+    resized, cropped and augmented as they train, `columns` to a row, each titled with its class (`names`:
+    {class id: name}). Drawn from a copy of the loader, under fastai's no_random, so that the run's shuffling and
+    augmentations are the same as without it. Returns (images drawn, (width, height) in pixels)."""
+    with no_random():
+        copy = dl.new(shuffle=True, drop_last=False)   # one batch even from fewer images than a batch
+        batch = copy.one_batch()
+    count = min(n, len(batch[0]))
+    cols, rows = min(columns, count), math.ceil(count / columns)
+    size = (cols * BATCH_CELL_INCHES, rows * BATCH_CELL_INCHES + BATCH_TITLE_INCHES)
+    fig = Figure(figsize=size, dpi=BATCH_DPI)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - BATCH_TITLE_INCHES / size[1], wspace=0.05, hspace=0.18)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax in axes[count:]:
+        ax.axis("off")
+    copy.show_batch(b=batch, max_n=count, ctxs=list(axes[:count]))
+    for ax in axes[:count]:
+        label = ax.get_title()
+        name = (names or {}).get(int(label)) if label.strip().lstrip("-").isdigit() else None
+        text = f"{label}: {name}" if name is not None else label
+        ax.set_title(text if len(text) <= 28 else text[:27] + "…", fontsize=9)
+    fig.suptitle(f"What the model sees: {count} training images at {batch[0].shape[-1]} px, augmented", fontsize=11,
+                 y=1 - 0.08 / size[1], va="top")
+    save_png(fig, path)
+    return count, (round(size[0] * BATCH_DPI), round(size[1] * BATCH_DPI))
+
+
+def lr_find_plot(lrs, losses, suggestions, used, path, title, skip_end=5):
+    """The LR range test's loss against learning rate (as fastai plots it: the last `skip_end` points left out), each
+    of fastai's `suggestions` {name: lr} marked at the very lr it returns (printed beside it in the legend, with
+    what it marks), `minimum`'s lowest loss too (x), and the one `used` as a dashed line. Drawn here because
+    fastai's plot_lr_find marks `minimum` at the lowest loss, ten times the value it returns, names the functions
+    only, and draws into pyplot's current figure. Returns {name: (lr, loss) of its dot}."""
+    lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
+    if skip_end:
+        lrs, losses = lrs[:-skip_end], losses[:-skip_end]
+    keep = np.isfinite(losses)
+    lrs, losses = lrs[keep], losses[keep]
+    if len(lrs) < 2:
+        raise UserError(f"{path}: the LR range test recorded too few finite losses to plot")
+    fig = Figure(figsize=(8, 6.4), dpi=120)
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="C0", label="loss (smoothed) at each learning rate")
+    dots = {}
+    for k, (name, lr) in enumerate(suggestions.items()):
+        loss = float(np.interp(np.log(lr), np.log(lrs), losses))
+        dots[name] = (float(lr), loss)
+        what = SUGGESTIONS.get(name, "")
+        chosen = " — printed as the run.py flag (dashed line)" if name == used else ""
+        ax.plot(lr, loss, "o", ms=7, color=f"C{k + 1}", label=f"{name} {lr:.3g}: {what}{chosen}", zorder=3)
+        if name == "minimum":   # fastai's minimum is the lr of the lowest loss over its window, divided by 10
+            low = 10 * float(lr)
+            ax.plot(low, float(np.interp(np.log(low), np.log(lrs), losses)), "x", ms=8, mew=2, color=f"C{k + 1}",
+                    label=f"lowest loss, at {low:.3g} = 10 x minimum", zorder=3)
+    if used in suggestions:
+        ax.axvline(suggestions[used], color="0.4", ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)   # below: off the curve
+    fig.tight_layout()
+    save_png(fig, path)
+    return dots

@@ -99,13 +99,17 @@ def resolve(args):
     return recipe, Path(args.data or DEFAULT_DATA), Path(args.out) if args.out else None, config
 
 
+def dataset_name(data):
+    """The dataset's name: its data folder's (stanford_cars), with the folder above for a resized copy."""
+    data = Path(data).resolve()
+    return f"{data.parent.name}-{data.name}" if data.name.startswith("resized_") else data.name
+
+
 def default_out(recipe, data, claim=True, root=Path("runs")):
     """runs/<recipe>-<arch>-<dataset> (the dataset being the data folder's name), or the first of -2, -3, ... not yet
     taken, as timm numbers its output folders. With `claim` the folder is made here, by mkdir, which fails for a
     folder that exists: two runs started together never get the same one."""
-    data = data.resolve()
-    dataset = f"{data.parent.name}-{data.name}" if data.name.startswith("resized_") else data.name
-    base = f"{recipe['name']}-{recipe['arch'].replace('/', '_')}-{dataset}"
+    base = f"{recipe['name']}-{recipe['arch'].replace('/', '_')}-{dataset_name(data)}"
     for n in itertools.count(1):
         out = root / (base if n == 1 else f"{base}-{n}")
         if not claim:
@@ -158,9 +162,10 @@ def resumed_data(config, config_path, given):
 
 
 def score(learn, test_df):
-    """Top-1 and top-5 accuracy over every row of the test CSV, once each, without augmentation. For a localize model
-    also the mean IoU of its boxes and the share with IoU >= 0.5, on the original images' pixels as test.py reports
-    them, over the rows that have a box."""
+    """(metrics, (true, predicted)): top-1 and top-5 accuracy over every row of the test CSV, once each, without
+    augmentation, and each row's true and top-1 class (model output indices) for the per-class table. For a localize
+    model also the mean IoU of its boxes and the share with IoU >= 0.5, on the original images' pixels as test.py
+    reports them, over the rows that have a box."""
     import torch
     from finegrained.boxes import LocalizeLoss, box_scores, predicted_devkit
     from finegrained.data import dls_frame, eval_dl
@@ -176,14 +181,14 @@ def score(learn, test_df):
         raise UserError(f"test.csv, row {unknown[0] + 1}: class_id {test_df['class_id'][unknown[0]]} never occurs in train.csv")
     if not isinstance(learn.loss_func, LocalizeLoss):
         preds, targets = learn.get_preds(dl=eval_dl(learn.dls, test_df))
-        return top_k_scores(preds, targets)
+        return top_k_scores(preds, targets), (targets.numpy(), preds.argmax(1).numpy())
     # images only: the classes come from the table, and a row without a box is still scored for its class
     dl = learn.dls.test_dl(test_df, bs=learn.dls.bs, shuffle=False, drop_last=False)
     (probs, boxes), _ = learn.get_preds(dl=dl)
     targets = torch.tensor([vocab.index(c) for c in test_df["class_id"]])
     paths = [Path(test_df.attrs["folder"]) / f for f in test_df["filename"]]
     found = box_scores(predicted_devkit(boxes, paths, *dls_frame(learn.dls)), test_df, prefix="test_")
-    return {**top_k_scores(probs, targets), **found}
+    return {**top_k_scores(probs, targets), **found}, (targets.numpy(), probs.argmax(1).numpy())
 
 
 def model_meta(recipe, learn, train_df):
@@ -222,12 +227,28 @@ def sanity_checks(args, recipe, train_df, first):
         raise SystemExit(1)
 
 
-def write_run_report(out, recipe, metrics):
-    """report.html: the metrics, the recipe and the training curves, one self-contained page."""
-    from finegrained.report import report_sections, write_report
+def write_run_report(out, recipe, metrics, data, train_df, test_df, classes, predictions):
+    """report.html, one self-contained page titled by the architecture, recipe and dataset: the metrics, the data
+    folder and its classes, the recipe as tables, the training curves, the augmented training batch, the LR range
+    tests run into this folder (lr_find.py --out), and the test set's accuracy per class. `classes`: model.json's;
+    `predictions`: (true, predicted) model output indices of every test row (score's), or None (train.py)."""
+    from finegrained.plots import BATCH_PNG, LR_FIND_JSON, LR_FIND_PNG
+    from finegrained.report import Png, class_table, per_class_table, report_sections, write_report
     from finegrained.train import CURVES
-    write_report(out / "report.html", f"Run {out.name}: {recipe['arch']}, recipe {recipe['name']}",
-                 report_sections(metrics=metrics, recipe=recipe, curves=out / CURVES))
+    lr_plots = []
+    for stage in ("frozen", "unfrozen"):
+        try:
+            found = json.loads((out / LR_FIND_JSON.format(stage=stage)).read_text())
+            caption = f"{stage}: suggested {found['used']} {found[found['used']]:.3g}; {found['run']}"
+        except (OSError, ValueError, KeyError, TypeError):   # a plot without its suggestions (or from an older lr_find)
+            caption = f"{stage}: the LR range test"
+        lr_plots.append(Png(out / LR_FIND_PNG.format(stage=stage), caption))
+    data_info = {"data folder": str(Path(data).resolve()), "train images": len(train_df), "test images": len(test_df),
+                 "classes": len(classes)}
+    write_report(out / "report.html", f"{recipe['arch']} · {recipe['name']} · {dataset_name(data)}", report_sections(
+        metrics=metrics, data=data_info, classes=class_table(classes, train_df["class_id"], test_df["class_id"]),
+        recipe=recipe, curves=out / CURVES, batch=out / BATCH_PNG, lr_find=lr_plots,
+        per_class=per_class_table(*predictions, classes) if predictions is not None else None))
 
 
 def seconds_per_stage(out):
@@ -278,6 +299,7 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
     from finegrained.prepare.tables import check_table_images, read_table
     from finegrained.models import create_learner, learner_args, save_trained
     from finegrained.train import Stage, run_stages, use_device
+    from finegrained.plots import BATCH_PNG, batch_grid
 
     refuse_existing_run(out, args.resume)
     train_df, test_df = read_table(data / "train.csv"), read_table(data / "test.csv")
@@ -310,6 +332,9 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
         if not args.resume:
             write_json(out / "config.json", {**config, "run": {"data": str(data.resolve()), "data_sha256": data_checksums(data),
                                                                "world_size": world, "argv": argv}})
+        if not (out / BATCH_PNG).exists():   # what the model sees, before the first epoch: for the report
+            from finegrained.prepare.tables import class_names
+            batch_grid(learn.dls.train, out / BATCH_PNG, class_names(train_df))
     from finegrained.trackers import close_trackers, tracker_callbacks
     from finegrained import regularize
     trackers = tracker_callbacks(args.tracker, out, recipe) if distributed.is_main() else []
@@ -324,17 +349,18 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
         return
     regularize.use_ema_weights(learn, regularizers)  # with an EMA, its weights are the model scored and saved
     last = [s for s in stages if s.epochs][-1]
-    metrics = {}
+    metrics, predictions = {}, None
     eval_started = time.time()
     if score_test:
         with distributed.local():  # the test set is scored once, by the main process alone
             learn.dls = make_dls(last.size, last.bs)  # at the size the model was last trained at, also on a resumed run
-            metrics = score(learn, test_df)
+            metrics, predictions = score(learn, test_df)
     metrics.update(seconds_per_stage=seconds_per_stage(out), total_seconds=round(time.time() - started, 2), device=device,
                    world_size=world, **({"scoring_seconds": round(time.time() - eval_started, 2)} if score_test else {}))
-    save_trained(distributed.unwrap(learn.model), out, model_meta(recipe, learn, train_df))
+    meta = model_meta(recipe, learn, train_df)
+    save_trained(distributed.unwrap(learn.model), out, meta)
     write_json(out / "metrics.json", metrics)
-    write_run_report(out, recipe, metrics)
+    write_run_report(out, recipe, metrics, data, train_df, test_df, meta["classes"], predictions)
     if not score_test:
         print(f"trained; nothing was scored on the test set. Score the model with: python test.py --model {out} "
               f"--folder {data} --csv {data / 'test.csv'}")

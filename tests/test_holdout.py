@@ -399,6 +399,9 @@ def test_heatmap_and_top_loss_panels_show_the_rows_their_captions_name(tmp_path,
         drawn[Path(path).name] = cells
         return grid(cells, columns, path, title)
     monkeypatch.setattr(explain, "_grid", spy)
+    given, heatmaps = {}, explain.write_heatmaps   # the probabilities test.py computed, to choose the rows again here
+    monkeypatch.setattr(explain, "write_heatmaps", lambda model, load, probs, true, *a, **k: (
+        given.update(probs=np.asarray(probs), true=np.asarray(true)), heatmaps(model, load, probs, true, *a, **k))[1])
     folder = tmp_path / "imgs"
     folder.mkdir()
     colours = {f"{i:02d}.png": (20 * i, 250 - 20 * i, (70 * i) % 256) for i in range(12)}
@@ -429,10 +432,17 @@ def test_heatmap_and_top_loss_panels_show_the_rows_their_captions_name(tmp_path,
         row = preds.loc[name]
         assert rest.startswith(f"true: {row['true_id']}: {dict(SPARSE)[row['true_id']]}\n"
                                f"pred: {row['pred_id']}: {dict(SPARSE)[row['pred_id']]}\np = {row['confidence']:.3f}"), name
-    by_confidence = preds.sort_values("confidence", ascending=False, kind="stable")
-    wrong = by_confidence.index[~by_confidence["correct"]][:3].tolist()
-    right = by_confidence.index[by_confidence["correct"]][:3].tolist()
-    assert [name for name, _, _ in heat] == wrong + right
+    # mistakes by loss, correct ones by confidence, each taken a true class at a time (the best class first)
+    preds["loss"] = -np.log(given["probs"][np.arange(len(preds)), given["true"]])   # rows in the CSV's order
+    wrong = preds[~preds["correct"]].sort_values("loss", ascending=False, kind="stable")
+    right = preds[preds["correct"]].sort_values("confidence", ascending=False, kind="stable")
+    spread = [df.assign(round=df.groupby("true_id").cumcount(),
+                        first=df["true_id"].map({c: k for k, c in enumerate(df["true_id"].drop_duplicates())}))
+              .sort_values(["round", "first"], kind="stable").index[:3].tolist() for df in (wrong, right)]
+    assert [name for name, _, _ in heat] == spread[0] + spread[1]
+    assert len(set(preds.loc[spread[1], "true_id"])) == min(3, right["true_id"].nunique())   # across classes
+    page = (tmp_path / "p_report.html").read_text()
+    assert f"3 highest-loss mistakes (red, of {len(wrong)}), 3 correct (green)" in page   # the figure's title, as its caption
     assert sorted(name for name, _, _ in top) == sorted(colours)   # all 12 rows, by loss
     losses = [float(rest.rsplit("loss ", 1)[1]) for _, rest, _ in top]
     assert losses == sorted(losses, reverse=True)

@@ -8,6 +8,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -138,13 +139,23 @@ def test_validation_split_keeps_the_best_model(prepared, tmp_path):
     assert meta["image_size"] == 32 and meta["crop_bbox"] is True  # no resized stage; test.py will crop too
 
 
+def resolved_by_run_py(command):
+    """The recipe and data folder run.py trains with on the command line lr_find printed."""
+    import shlex
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "run.py"]
+    recipe, data, _, _ = run.resolve(run.parse_args(argv[2:]))
+    return recipe, data
+
+
 def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
     import lr_find
+    from finegrained.recipe import trained_lr
     lr_find.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--stage", "unfrozen",
                   "--size", "32", "--bs", "8", "--num-it", "30", "--workers", "0", "--out", str(tmp_path)])
     import numpy as np
     suggestions = json.loads((tmp_path / "lr_find_unfrozen.json").read_text())
-    assert set(suggestions) == {"minimum", "steep", "valley", "slide", "curve"}
+    assert set(suggestions) == {"minimum", "steep", "valley", "slide", "curve", "used", "stage", "run"}
     lrs, losses = np.array(suggestions["curve"]["lr"]), np.array(suggestions["curve"]["loss"])
     assert len(lrs) >= 20 and (np.diff(lrs) > 0).all()  # the sweep of 30, less the ends fastai leaves out
     # fastai's minimum and steep, worked out again from the curve: a tenth of the lr at the lowest loss, and the lr
@@ -153,7 +164,38 @@ def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
     assert suggestions["steep"] == pytest.approx(lrs[(np.diff(losses) / np.diff(np.log(lrs))).argmin()])
     assert lrs[0] <= suggestions["valley"] <= lrs[-1] and lrs[0] <= suggestions["slide"] <= lrs[-1]
     assert (tmp_path / "loss_plot_unfrozen.png").stat().st_size > 5000
-    assert "valley:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    valley = suggestions["valley"]
+    assert f"  valley: {valley:.3g}  " in printed
+    (use,) = [line[len("use: "):] for line in printed.splitlines() if line.startswith("use: ")]
+    assert use == suggestions["run"]
+    recipe, data = resolved_by_run_py(use)   # run.py takes the printed line as it is
+    assert data == prepared and recipe["arch"] == "resnet18" and recipe["pretrained"] is False
+    # the unfrozen stages (2 and 3 share their lr in the recipe) train at the suggestion; the frozen one as before
+    assert [trained_lr(s) for s in recipe["stages"]] == pytest.approx([1e-2, valley, valley], rel=5e-3)
+
+
+@pytest.mark.parametrize("name, stage, lr_text, targets", [
+    (None, "unfrozen", "0.01,0.00123", [1, 2]),             # stages 2-3 share their lr: one value for the two
+    (None, "frozen", "0.00123,0.003", [0]),
+    ("bcnn_aircraft", "frozen", "0.00123,0.025,0.025", [0]),  # one lr for all three: the later two keep theirs, per stage
+    ("resnet50_448_ls", "unfrozen", "0.00492", [0]),        # lr_rule linear: the recipe's lr is for 256 images, batch 64
+])
+def test_lr_find_flag_resolves_in_run_py_to_the_suggested_lr(name, stage, lr_text, targets):
+    import lr_find
+    from finegrained.recipe import trained_lr
+    args = lr_find.parse_args([*(["--recipe", name] if name else []), "--stage", stage, "--data", "elsewhere/cars",
+                               "--arch", "resnet18", "--no-pretrained", "--seed", "7", "--valid-pct", "0.1"])
+    recipe, given, index = lr_find.measured(args)
+    command, found = lr_find.run_command(args, recipe, given, index, 0.00123)
+    assert found == targets and command.endswith(f" --lr {lr_text}")
+    got, data = resolved_by_run_py(command)
+    assert str(data) == "elsewhere/cars"
+    for i, (s, before) in enumerate(zip(got["stages"], recipe["stages"])):
+        want = 0.00123 if i in targets else trained_lr(before, recipe["lr_rule"])
+        assert trained_lr(s, got["lr_rule"]) == pytest.approx(want, rel=2e-3), i
+    no_lr = lambda r: {**r, "stages": [{**s, "lr": None} for s in r["stages"]]}   # noqa: E731
+    assert no_lr(got) == no_lr(recipe)   # the same recipe, arch, seed and split; only the lr differs
 
 
 def test_unreadable_training_image_is_named_before_training(prepared, tmp_path):
@@ -182,6 +224,17 @@ def test_every_run_folder_has_its_curves_and_a_self_contained_report(trained):
     assert images and all(src.startswith("data:image/png;base64,") for src in images)  # nothing to fetch
     metrics = json.loads((trained / "metrics.json").read_text())
     assert f"{metrics['test_top1']:.6g}" in page and "fastai_resnext50" in page
+    from test_report import parse
+    report = parse(trained / "report.html")
+    dataset = json.loads((trained / "config.json").read_text())["run"]["data"]
+    assert report.title == report.h1 == f"resnet18 · fastai_resnext50 · {Path(dataset).name}"
+    # the test set's accuracy per class: every test.csv class with its images, adding up to the test accuracy
+    test = pd.read_csv(Path(dataset) / "test.csv")
+    per_class = [t for t in report.tables if t[0] == ["class_id", "class_name", "images", "correct", "accuracy"]][-1]
+    assert sorted((int(r[0]), int(r[2])) for r in per_class[1:]) == sorted(test["class_id"].value_counts().items())
+    assert sum(int(r[3]) for r in per_class[1:]) / len(test) == pytest.approx(metrics["test_top1"])
+    import base64
+    assert (trained / "augmented_batch.png").read_bytes() in [base64.b64decode(s.split(",", 1)[1]) for s in report.images]
 
 
 @pytest.mark.parametrize("lr, status", [("1e-2,3e-3", 0), ("0,0", 1)])
@@ -241,7 +294,7 @@ def test_a_default_folder_refused_before_its_first_write_is_not_left_behind(tmp_
 
 def test_train_py_trains_the_stages_and_scores_nothing_on_the_test_set(prepared, tmp_path, capsys, monkeypatch):
     """train.py: run.py's run without the test set's score. The model it saves is the one test.py then scores."""
-    import train as train_script
+    from finegrained import train as train_script
     from finegrained import holdout
     scored = []
     monkeypatch.setattr(run, "score", lambda *a, **k: scored.append(a) or {})
