@@ -463,7 +463,6 @@ def test_batch_grid_shows_one_augmented_batch_without_touching_the_run(prepared,
 
 def test_run_report_names_the_run_and_shows_recipe_data_classes_and_results(tmp_path):
     import collections
-    import lr_find
     from finegrained import recipe as recipes
     from finegrained import runner as run
     out = tmp_path / "run"
