@@ -50,6 +50,22 @@ def holdout_accuracy(capsys, *args):
     return found.get("accuracy"), out
 
 
+def localize_recipe(epochs, size):
+    """A recipe file's text: resnet18 from scratch with the localize head, one stage, squashed images."""
+    return (f'arch = "resnet18"\nhead = "localize"\npretrained = false\nresize = "squash"\n[[stages]]\nname = "all"\n'
+            f"epochs = {epochs}\nsize = {size}\nbs = 16\nlr = 3e-3\n")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a test trains: on 2 busy cores, torch's 2 threads ran resnet18 20x slower."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def scoring_batches(monkeypatch):
     """[(args, kwargs, loader)] of every data.inference_dl call: the loaders test.py scores with, for the test to read."""

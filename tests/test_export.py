@@ -22,24 +22,11 @@ from finegrained import cli
 import export
 from finegrained import onnx_model
 from finegrained.errors import UserError
-from conftest import ROOT, holdout_scores
+from conftest import localize_recipe, ROOT, holdout_scores
 
 from finegrained import holdout
 
 PRED = ["pred_x1", "pred_y1", "pred_x2", "pred_y2"]
-LOCALIZE_TOML = """arch = "resnet18"
-head = "localize"
-pretrained = false
-resize = "squash"
-[[stages]]
-name = "all"
-epochs = 1
-size = 32
-bs = 16
-lr = 3e-3
-"""
-
-
 @pytest.fixture(scope="module")
 def runs(trained, prepared, tmp_path_factory):
     """{head: run folder}: conftest's concat run (crop), a bilinear run and a localize run (squash), one epoch at 32 px.
@@ -52,7 +39,7 @@ def runs(trained, prepared, tmp_path_factory):
               "--sizes", "32,32", "--bs", "16,16", "--out", str(base / "bilinear")])
     meta = json.loads((base / "bilinear" / "model.json").read_text())
     (base / "bilinear" / "model.json").write_text(json.dumps({**meta, "resize": "pad", "crop_pct": 0.75}))
-    (base / "loc.toml").write_text(LOCALIZE_TOML)
+    (base / "loc.toml").write_text(localize_recipe(1, 32))
     run.main([*tiny, "--recipe", str(base / "loc.toml"), "--out", str(base / "localize")])
     return {"concat": trained, "bilinear": base / "bilinear", "localize": base / "localize"}
 

@@ -528,15 +528,6 @@ def test_the_comparison_reads_each_kind_of_value():
 
 # ---------------------------------------------------------------- the recipes, scaled down
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread while these runs train: on 2 busy cores, torch's 2 threads ran resnet18 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(RUNS))
 def test_what_fastai_received_is_what_the_write_up_states(name, prepared, tmp_path, monkeypatch, one_thread):

@@ -13,7 +13,7 @@ from PIL import Image
 
 from finegrained import runner as run
 from finegrained.errors import UserError
-from conftest import TINY, holdout_scores as score, run_script
+from conftest import localize_recipe, TINY, holdout_scores as score, run_script
 
 from finegrained import holdout
 
@@ -75,19 +75,6 @@ def centred_box_iou(data):
     return float(numpy_iou(fixed.round(), test_boxes).mean())
 
 
-LOCALIZE_TOML = """arch = "resnet18"
-head = "localize"
-pretrained = false
-resize = "squash"
-[[stages]]
-name = "all"
-epochs = 6
-size = 64
-bs = 16
-lr = 3e-3
-"""
-
-
 @pytest.fixture(scope="module")
 def boxes_data(tmp_path_factory):
     return box_dataset(tmp_path_factory.mktemp("boxes"))
@@ -97,7 +84,7 @@ def boxes_data(tmp_path_factory):
 def localizer(boxes_data, tmp_path_factory):
     """A localize model trained on boxes_data: resnet18 from scratch, 64 px, 6 epochs of one-cycle."""
     folder = tmp_path_factory.mktemp("loc")
-    (folder / "loc.toml").write_text(LOCALIZE_TOML)
+    (folder / "loc.toml").write_text(localize_recipe(6, 64))
     train(boxes_data, folder / "run", "--recipe", folder / "loc.toml")
     return folder / "run"
 

@@ -19,14 +19,6 @@ from finegrained.data import get_dls
 from finegrained.models import build_model, create_learner, learner_args
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def resolved(**keys):
     """A one-stage recipe with `keys` (run-wide or stage keys), resolved as run.py resolves one."""
     stage = {k: keys.pop(k) for k in list(keys) if k in recipes.STAGE_DEFAULTS}
