@@ -89,6 +89,7 @@ def parse_args(argv=None):
     p.add_argument("--num-it", type=int, default=100, help="number of mini-batches (learning rates) tried")
     p.add_argument("--wd", type=float, default=None, help="weight decay (default: from the recipe's stage)")
     cli.add_common_training(p)
+    cli.add_device(p)
     p.add_argument("--out", default=".", help="folder for loss_plot_<stage>.png and lr_find_<stage>.json (a run folder "
                                               "you then train into with run.py --out: its report shows the plot)")
     args = p.parse_args(argv)
@@ -105,7 +106,8 @@ def main(argv=None):
     from finegrained.prepare.tables import check_table_images, read_table
     from finegrained.models import create_learner, learner_args, load_trained
     from finegrained.plots import LR_FIND_JSON, LR_FIND_PNG, SUGGESTIONS, lr_find_plot  # in --out; run.py's report shows the plots
-    from finegrained.train import show_bars, use_device
+    from finegrained.devices import choose, prepare
+    from finegrained.train import show_bars
 
     recipe, given, index = measured(args)
     stage = recipe["stages"][index]
@@ -113,6 +115,7 @@ def main(argv=None):
     data = Path(args.data)
     if not data.is_dir():
         raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
+    device = choose(args.device)
     set_seed(recipe["seed"])
     train_df = read_table(data / "train.csv")
     check_table_images(train_df, data / "train.csv")
@@ -127,7 +130,7 @@ def main(argv=None):
         learn.model.load_state_dict(trained.state_dict())
     learn.freeze() if args.stage == "frozen" else learn.unfreeze()
     show_bars(learn, sys.stdout.isatty())
-    print(f"LR range test, {args.stage} {arch} on {use_device(learn)}")
+    print(f"LR range test, {args.stage} {arch} on {prepare(learn, device)[0]}")
     funcs = (valley, steep, minimum, slide)
     try:
         found = learn.lr_find(start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it, show_plot=False, suggest_funcs=funcs)

@@ -112,11 +112,13 @@ def resized_folder(args):
 def run_project(args, size, bs, device, folder=None):
     from fastai.callback.core import Callback, CancelFitException
     from finegrained.data import get_dls
+    from finegrained.devices import choose, prepare
     from finegrained.models import create_learner
-    from finegrained.train import show_bars, use_device
+    from finegrained.train import show_bars
+    on = choose("auto")
     dls = get_dls(Path(folder or args.data) / "train.csv", size, bs, workers=args.workers)
     learn = create_learner(dls, args.arch, pretrained=False)
-    use_device(learn)
+    prepare(learn, on)
     show_bars(learn, False)
     learn.unfreeze()
     timer = Timer(args.warmup, args.steps, bs, device)

@@ -8,7 +8,8 @@ other (import-linter checks this from pyproject.toml: `make lint`, part of `make
   sanity | report | explain | trackers          checks and views of a run
   | regularize | onnx_model                     mixup/cutmix and the EMA as fastai callbacks; an exported file run by onnxruntime
   train                                         the stages, on fastai's Learner
-  distributed | plots                           data-parallel plumbing; the training curves
+  distributed | plots | train_progress          data-parallel plumbing; the training curves; progress while training
+  devices                                       --device: CUDA or the CPU, the precision, the CPU-time estimate
   models                                        the Learner: backbone, head, loss, optimizer
   data                                          fastai DataLoaders from train.csv
   boxes                                         the localize head's loss, metrics, box frames and DataBlock

@@ -121,3 +121,12 @@ def add_regularization(p):
                    help=f"torchvision's TrivialAugmentWide or RandAugment on training images (default: {FROM_RECIPE}, none)")
     p.add_argument("--drop-path-rate", type=float, default=None, metavar="P",
                    help=f"stochastic depth of a timm backbone (default: {FROM_RECIPE}, 0)")
+
+
+def add_device(p, refuses=False):
+    """--device, the same in every script that runs a model (devices.choose reads it)."""
+    cost = (" and refuses a run estimated to take over an hour there (the estimate is printed; --device cpu runs it "
+            "anyway)") if refuses else ""
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help=f"where the model runs: auto uses the GPU when CUDA is usable, else the CPU{cost}; cuda stops "
+                        "in one line saying why when CUDA is not usable; cpu uses the CPU even on a GPU machine")

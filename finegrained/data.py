@@ -117,16 +117,12 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
 
     augment = {True: "fastai", False: "none"}.get(augment, augment)
     df = train_csv if isinstance(train_csv, pd.DataFrame) else read_table(train_csv)
-    name = str(Path(df.attrs.get("folder", ".")) / "train.csv")
-    if crop_bbox and (not set(BOX_COLUMNS) <= set(df.columns) or df[BOX_COLUMNS].isna().all().all()):
-        raise UserError(f"{df.attrs.get('folder', 'train.csv')}: --crop-bbox needs bounding boxes, and this dataset has none")
+    check_settings(df, crop_bbox, head, resize, crop_pct, augment)
     splitter = RandomSplitter(valid_pct, seed) if valid_pct else IndexSplitter([])
     kwargs = dict(bs=bs, num_workers=default_workers() if workers is None else workers, device=device)
     if head == "localize":
-        check_localize(crop_bbox, resize, crop_pct, augment)
         if auto_augment != "none":
             raise UserError(f"--head localize cannot train with auto_augment {auto_augment}: its boxes would not follow")
-        require_boxes(df, name)
         block = localize_block(ImageReader(df.attrs["folder"]), size, batch_transforms(augment, stats), splitter,
                                method=fastai_resize(resize))
         # weighted_dataloaders drops the block's dls_kwargs, so the single-box collation is passed to it by hand
@@ -142,6 +138,18 @@ def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False,
         counts = df["class_id"].map(train_classes.value_counts()).fillna(1.0)  # a class only in validation: unused
         return block.weighted_dataloaders(df, wgts=(1.0 / counts).to_numpy(), **kwargs)
     return block.dataloaders(df, **kwargs)
+
+
+def check_settings(df, crop_bbox=False, head="concat", resize="crop", crop_pct=1.0, augment="fastai", **_):
+    """What get_dls refuses about a table and its settings, without reading an image: boxes for --crop-bbox and
+    --head localize, and the localize head's frame (check_localize). run.py asks before it estimates the run's cost:
+    `check_settings(table, **dls_args(recipe))`."""
+    augment = {True: "fastai", False: "none"}.get(augment, augment)
+    if crop_bbox and (not set(BOX_COLUMNS) <= set(df.columns) or df[BOX_COLUMNS].isna().all().all()):
+        raise UserError(f"{df.attrs.get('folder', 'train.csv')}: --crop-bbox needs bounding boxes, and this dataset has none")
+    if head == "localize":
+        check_localize(crop_bbox, resize, crop_pct, augment)
+        require_boxes(df, str(Path(df.attrs.get("folder", ".")) / "train.csv"))
 
 
 def dls_args(recipe):

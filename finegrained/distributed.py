@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from accelerate.state import PartialState
 from fastai.distributed import DistributedDL
-from fastai.torch_core import set_seed
+from fastai.torch_core import defaults, set_seed
 from timm.layers import convert_sync_batchnorm
 
 from finegrained.errors import UserError
@@ -106,7 +106,9 @@ def launched_alone():
 
 
 def _cuda():
-    return torch.cuda.is_available()
+    """Whether this process trains on a GPU: CUDA usable, and not turned off by --device cpu (devices.choose sets
+    fastai's default device before setup() runs)."""
+    return torch.cuda.is_available() and defaults.use_cuda is not False
 
 
 def setup():

@@ -71,6 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--bs", type=int, default=64, help="batch size")
     p.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or unreadable (each is reported) instead of stopping")
     p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: all CPU cores, at most 16)")
+    cli.add_device(p)
     p.add_argument("--localizer", default=None, metavar="LOC",
                    help="for a model trained with --crop-bbox: crop each image to the box that LOC (a model trained with "
                         "--head localize on the same classes) predicts, grown by the model's margin, instead of the CSV's boxes")
@@ -524,6 +525,8 @@ def explain_and_report(args, model, meta, df, folder, probs, true, out, boxes_ca
 
 def main(argv=None):
     args = parse_args(argv)
+    from finegrained.devices import choose
+    choose(args.device)  # fastai's default device: the DataLoaders, and so the model, follow it
     from finegrained.onnx_model import is_onnx
     if args.heatmaps and is_onnx(args.model):
         raise UserError(f"--heatmaps needs the PyTorch model (Grad-CAM follows gradients, which {args.model} does not "

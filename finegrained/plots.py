@@ -26,7 +26,8 @@ CURVES_INCHES, CURVES_DPI = (10, 7.5), 100   # 1000 x 750 px
 # learning-rate columns: "a;b;c", one value per parameter group, earliest first
 LR_COLUMNS = {"lrs": "max lr", "lrs_end": "lr at epoch end", "lr": "lr"}
 LOSSES = {"train_loss": ("train loss", "C0", "-"), "valid_loss": ("valid loss", "C1", "--")}
-SCORES = {"accuracy": ("valid accuracy", "C2", "-"), "top5_accuracy": ("valid top-5 accuracy", "C3", ":"),
+SCORES = {"train_accuracy": ("train accuracy (training batches)", "C4", "-."),
+          "accuracy": ("valid accuracy", "C2", "-"), "top5_accuracy": ("valid top-5 accuracy", "C3", ":"),
           "mean_iou": ("valid mean box IoU", "C8", "-."), "iou50": ("valid boxes IoU >= 0.5", "C9", "-.")}
 MARKERS_UP_TO = 40                           # epochs; past that, markers clutter the lines
 BATCH_PNG, BATCH_IMAGES, BATCH_COLUMNS = "augmented_batch.png", 16, 4
@@ -144,7 +145,7 @@ def training_curves(history, path):
     bottom.grid(alpha=0.3, which="both")
     bottom.set_xlim(0.5, n + 0.5)
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(n, 20)))
-    note = "" if "valid_loss" in series else " (no validation split: training loss only)"
+    note = "" if "valid_loss" in series else " (no validation split: training loss and accuracy only)"
     fig.suptitle(f"Training curves: {n} epoch{'s' if n != 1 else ''}{note}", fontsize=11)
     fig.tight_layout()
     save_png(fig, path)

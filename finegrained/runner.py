@@ -24,7 +24,8 @@ from finegrained import cli, files, recipe as recipes
 from finegrained.errors import UserError
 from finegrained.files import write_json
 
-RUN_FILES = ("progress.json", "history.csv", "checkpoint.pth", "model.safetensors", "metrics.json")
+CHECKPOINT, WEIGHTS = "checkpoint.pth", "model.safetensors"
+RUN_FILES = ("progress.json", "history.csv", CHECKPOINT, WEIGHTS, "metrics.json")
 DEFAULT_DATA = "data/stanford_cars"
 DATA_TABLES = ("train.csv", "test.csv")
 
@@ -60,7 +61,17 @@ def parse_args(argv=None, description=__doc__):
                         "the model overfits 20 images of 2 classes; exit status 1 when a check fails")
     p.add_argument("--sync-bn", action="store_true",
                    help="data-parallel on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm)")
-    return p.parse_args(argv)
+    cli.add_device(p, refuses=True)
+    p.add_argument("--log-every", type=float, default=60.0, metavar="SECONDS",
+                   help="when stdout is not a terminal (a log file): a progress line (loss, lr, images/s, the ETA of the "
+                        "stage and the run) every SECONDS of training, besides the line at each epoch's end")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help=f"keep {CHECKPOINT} (model, optimizer and random state, for --resume) when the run finishes; "
+                        "by default it is removed then (model.safetensors is the trained model)")
+    args = p.parse_args(argv)
+    if args.log_every < 0:
+        p.error(f"--log-every must be 0 (a line after every batch) or more seconds, got {args.log_every:g}")
+    return args
 
 
 def resolve(args):
@@ -73,7 +84,9 @@ def resolve(args):
             raise UserError("--resume needs --out, the run folder to continue")
         out = Path(args.out)
         config_path = out / "config.json"
-        missing = [name for name in ("config.json", "checkpoint.pth") if not (out / name).exists()]
+        missing = [name for name in ("config.json", CHECKPOINT) if not (out / name).exists()]
+        if missing == [CHECKPOINT] and finished(out):  # its checkpoint was removed when it ended: scored again
+            missing = []
         if missing:
             why = ("no epoch has finished yet; start it again without --resume" if missing == ["checkpoint.pth"]
                    else "not a run folder of run.py")
@@ -103,6 +116,11 @@ def dataset_name(data):
     """The dataset's name: its data folder's (stanford_cars), with the folder above for a resized copy."""
     data = Path(data).resolve()
     return f"{data.parent.name}-{data.name}" if data.name.startswith("resized_") else data.name
+
+
+def finished(out):
+    """Whether the run in `out` has finished: its trained model is written (before the checkpoint is removed)."""
+    return all((Path(out) / name).is_file() for name in (WEIGHTS, "model.json"))
 
 
 def default_out(recipe, data, claim=True, root=Path("runs")):
@@ -258,12 +276,23 @@ def seconds_per_stage(out):
     return {str(k): round(float(v), 2) for k, v in history.groupby("stage", sort=False)["seconds"].sum().items()}
 
 
+def load_weights(learn, path):
+    """A finished run's model.safetensors into `learn.model` (safetensors: nothing is unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        learn.model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"{path}: not this run's model ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+
+
 def main(argv=None, score_test=True, description=__doc__):
     """run.py; train.py with `score_test` False: the same run, without the test set's score."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parse_args(argv, description)
-    from finegrained import distributed
-    world = distributed.setup()  # first: torchrun / accelerate launch start one of these per process
+    from finegrained import devices, distributed
+    device = None if args.show else devices.choose(args.device)  # before the processes of a data-parallel run pair up
+    world = distributed.setup()  # first of what trains: torchrun / accelerate launch start one of these per process
     recipe, data, out, config = resolve(args)
     if args.show:
         print(recipes.describe(recipe))
@@ -275,7 +304,7 @@ def main(argv=None, score_test=True, description=__doc__):
         out = default_out(recipe, data, claim=claimed)
     try:
         with contextlib.ExitStack() as held:  # the run folder's lock, from the first write to the last
-            train_and_score(args, argv, recipe, data, out, config, world, held, score_test)
+            train_and_score(args, argv, recipe, data, out, config, world, held, device, score_test)
     except BaseException:
         if claimed and not any(out.iterdir()):  # refused before its first write: no empty folder left behind
             out.rmdir()
@@ -289,23 +318,32 @@ def refuse_existing_run(out, resume):
         raise UserError(f"{out}: already holds a run; pass --resume to continue it, or choose another --out")
 
 
-def train_and_score(args, argv, recipe, data, out, config, world, held, score_test=True):
+def train_and_score(args, argv, recipe, data, out, config, world, held, device, score_test=True):
     """Train the recipe's stages (on every process of a data-parallel run), then, on the main process alone,
-    score the test set once (unless not `score_test`) and write the model and metrics."""
-    from finegrained import distributed
+    score the test set once (unless not `score_test`) and write the model and metrics. A finished run resumed (its
+    checkpoint removed when it ended) is scored again from its model.safetensors."""
+    from finegrained import devices, distributed
     from fastai.torch_core import set_seed
-    from finegrained.data import dls_args, get_dls
+    from finegrained.data import check_settings, dls_args, get_dls
     from finegrained.images import default_workers
     from finegrained.prepare.tables import check_table_images, read_table
     from finegrained.models import create_learner, learner_args, save_trained
-    from finegrained.train import Stage, run_stages, use_device
+    from finegrained.train import Stage, epochs_left, run_stages
     from finegrained.plots import BATCH_PNG, batch_grid
 
     refuse_existing_run(out, args.resume)
     train_df, test_df = read_table(data / "train.csv"), read_table(data / "test.csv")
+    stages = [Stage(**s, lr_rule=recipe["lr_rule"]) for s in recipe["stages"]]
+    rescore = args.resume and not (out / CHECKPOINT).exists()  # resolve() let it through: a finished run
+    if args.sanity or rescore:
+        left = []
+    else:
+        left = epochs_left(stages, out) if args.resume else [(s.epochs, s.size) for s in stages if s.epochs]
+    check_settings(train_df, **dls_args(recipe))  # what would stop the run anyway, before its cost is estimated
+    cost = devices.check_cpu_time(args.device, device, recipe, left, len(train_df), len(test_df),
+                                  train_df["class_id"].nunique())  # before the images are read: refused early
     check_table_images(train_df, data / "train.csv")
     check_table_images(test_df, data / "test.csv")
-    stages = [Stage(**s, lr_rule=recipe["lr_rule"]) for s in recipe["stages"]]
     for stage in stages:  # the batch size is the global batch: refuse one that does not share out before training
         distributed.per_process_bs(stage.bs, world)
     set_seed(recipe["seed"])  # the same on every process: the same validation split everywhere
@@ -321,13 +359,17 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
         return sanity_checks(args, recipe, train_df, first)
     learn = create_learner(make_dls(first.size, first.bs), weights=args.weights, path=out,
                            **learner_args(recipe, vars(first)))
-    device = use_device(learn)
+    where, precision = devices.prepare(learn, device)
+    if device == "cpu":
+        why = "--device cpu" if args.device == "cpu" else f"no usable GPU: {devices.cuda_problem()}"
+        where += f" ({'; '.join(filter(None, (why, cost)))})"
     if world > 1:
-        device = f"{world} processes (data-parallel), each on {device}"
+        where = f"{world} processes (data-parallel), each on {where}"
     if distributed.is_main():
         held.enter_context(files.folder_lock(out))  # one process per run folder (rank 0 writes for a data-parallel run)
         refuse_existing_run(out, args.resume)  # again, now that no other run can be writing here
-        print(f"training {recipe['arch']} ({recipe['name']} recipe) on {device}", file=sys.stderr if "CPU" in device else sys.stdout)
+        print(f"training {recipe['arch']} ({recipe['name']} recipe) on {where}; precision {precision}",
+              file=sys.stderr if device == "cpu" else sys.stdout, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
             write_json(out / "config.json", {**config, "run": {"data": str(data.resolve()), "data_sha256": data_checksums(data),
@@ -341,8 +383,13 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
     regularizers = regularize.callbacks(recipe, learn.dls.c, resume_from=out if args.resume else None)
     started = time.time()
     try:
-        with distributed.context(learn, sync_bn=args.sync_bn):
-            run_stages(learn, stages, make_dls, out, resume=args.resume, extra_cbs=[*regularizers, *trackers])
+        if rescore:
+            print(f"{out}: the run has finished (its {CHECKPOINT} was removed then): scoring its {WEIGHTS} again")
+            load_weights(learn, out / WEIGHTS)
+        else:
+            with distributed.context(learn, sync_bn=args.sync_bn):
+                run_stages(learn, stages, make_dls, out, resume=args.resume, extra_cbs=[*regularizers, *trackers],
+                           log_every=args.log_every)
     finally:
         close_trackers(trackers)
     if not distributed.is_main():
@@ -355,8 +402,8 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
         with distributed.local():  # the test set is scored once, by the main process alone
             learn.dls = make_dls(last.size, last.bs)  # at the size the model was last trained at, also on a resumed run
             metrics, predictions = score(learn, test_df)
-    metrics.update(seconds_per_stage=seconds_per_stage(out), total_seconds=round(time.time() - started, 2), device=device,
-                   world_size=world, **({"scoring_seconds": round(time.time() - eval_started, 2)} if score_test else {}))
+    metrics.update(seconds_per_stage=seconds_per_stage(out), total_seconds=round(time.time() - started, 2), device=where,
+                   precision=precision, world_size=world, **({"scoring_seconds": round(time.time() - eval_started, 2)} if score_test else {}))
     meta = model_meta(recipe, learn, train_df)
     save_trained(distributed.unwrap(learn.model), out, meta)
     write_json(out / "metrics.json", metrics)
@@ -369,4 +416,7 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, score_te
     if "test_mean_iou" in metrics:
         print(f"test mean IoU: {metrics['test_mean_iou']:.4f} (IoU >= 0.5: {metrics['test_iou50']:.4f}) "
               f"on the {metrics['test_box_images']} images with a box")
+    if not args.keep_checkpoint and (out / CHECKPOINT).exists():
+        (out / CHECKPOINT).unlink()  # the model is in model.safetensors; resuming a finished run scores that again
+        print(f"{CHECKPOINT} removed now that the run has finished (--keep-checkpoint keeps it)")
     print(f"model, history.csv and metrics.json are in {out}; the report: {out / 'report.html'}")

@@ -83,7 +83,8 @@ def flatten(d, prefix=""):
 class EpochTracker(Callback):
     """Logs one record per trained epoch, at step = epochs done in the whole run (all stages, all
     resumed processes): train_loss, and when validated valid_loss and the metrics, plus lr/groupN,
-    each parameter group's learning rate at the epoch's last batch. Subclasses say where it goes."""
+    each parameter group's learning rate at the epoch's last batch; under run.py also train_accuracy and
+    progress/images_per_s, progress/eta_stage_s, progress/eta_run_s. Subclasses say where it goes."""
     order = Recorder.order + 1  # after the Recorder has the epoch's values
 
     def __init__(self, run_folder, recipe, first_step=0):
@@ -131,6 +132,12 @@ class EpochTracker(Callback):
                 metrics[name] = value
         for i, hypers in enumerate(self.learn.opt.hypers):
             metrics[f"lr/group{i + 1}"] = float(hypers["lr"])
+        # run.py's training adds what its log lines say (train_progress.py): the training accuracy, images/s and the ETAs
+        if getattr(self.learn, "train_accuracy", None) is not None:
+            metrics["train_accuracy"] = float(self.learn.train_accuracy)
+        for name, value in getattr(self.learn, "run_figures", {}).items():
+            if name != "epoch_seconds":
+                metrics[f"progress/{name}"] = float(value)
         return metrics
 
     def close(self):

@@ -6,7 +6,8 @@ history, and resuming a killed run from its last completed epoch.
 fastai does the training: fit_one_cycle, fit_flat_cos and fit, ParamScheduler with SchedCos, freeze and
 unfreeze, discriminative learning rates, EarlyStoppingCallback, AMP. Written here: the checkpoint and
 history callbacks, because fastai's SaveModelCallback and CSVLogger neither write atomically nor record
-the stage, image size and learning rates of each epoch; and the step-decay schedule, which fastai lacks."""
+the stage, image size and learning rates of each epoch; and the step-decay schedule, which fastai lacks. What a person
+reads while it trains (the stage and run epoch, images/s, the ETA, a training accuracy) is train_progress.py's."""
 import csv
 import io
 import json
@@ -24,7 +25,6 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import AvgLoss
-from fastai.torch_core import setup_cuda
 from fastcore.foundation import L
 
 from finegrained import distributed
@@ -32,11 +32,14 @@ from finegrained.errors import RunFailed, UserError
 from finegrained.files import atomic, write_json
 from finegrained.models import body_blocks, make_opt, reinit_last_blocks
 from finegrained.plots import training_curves
+from finegrained.train_progress import RunPlan, RunProgress, RunProgressBar, TrainAccuracy
 
 CHECKPOINT, PROGRESS, HISTORY, BEST = "checkpoint.pth", "progress.json", "history.csv", "best.pth"
 CURVES = "training_curves.png"
 METRICS = ["accuracy", "top5_accuracy", "mean_iou", "iou50"]  # the last two only for a model with a box head
-HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "opt", "lrs", "lrs_end", "train_loss", "valid_loss", *METRICS, "seconds"]
+# train_accuracy: over the epoch's training batches, in train mode (train_progress.TrainAccuracy); the rest from validation
+HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "opt", "lrs", "lrs_end", "train_loss", "train_accuracy", "valid_loss",
+                   *METRICS, "seconds"]
 
 
 @dataclass
@@ -143,13 +146,12 @@ class EpochRecord(Callback):
     the run's record (stage, epoch, history rows, best accuracy); then progress.json, history.csv and
     training_curves.png, which are views of that record and are rewritten from it on resume, so a kill between any
     two writes loses no history row and trains no epoch twice. Also the best model by validation accuracy when there
-    is a validation set, and one printed line when no progress bar is shown (a log file or CI). A non-finite loss
-    ends the run in one line (RunFailed, exit 1) before anything is written, so the last good checkpoint stays."""
+    is a validation set. A non-finite loss ends the run in one line (RunFailed, exit 1) before anything is written, so
+    the last good checkpoint stays."""
     order = 55  # after the Recorder (50) has the epoch's losses and metrics; before early stopping (63) ends the fit
 
-    def __init__(self, out, stage_index, stage, print_lines, record):
-        self.out, self.stage_index, self.stage, self.print_lines = Path(out), stage_index, stage, print_lines
-        self.record = record
+    def __init__(self, out, stage_index, stage, record):
+        self.out, self.stage_index, self.stage, self.record = Path(out), stage_index, stage, record
 
     def before_epoch(self):
         self.started, self.trained = time.time(), False
@@ -173,6 +175,7 @@ class EpochRecord(Callback):
                "lrs": ";".join(f"{lr:.3g}" for lr in lrs),
                "lrs_end": ";".join(f"{h['lr']:.4g}" for h in self.opt.hypers),  # as the schedule left them
                "train_loss": _num(values.get("train_loss")),
+               "train_accuracy": _num(getattr(self.learn, "train_accuracy", None)),
                "valid_loss": _num(values.get("valid_loss")) if has_valid else "",
                **{m: _num(values.get(m)) if has_valid else "" for m in METRICS},
                "seconds": round(time.time() - self.started, 2)}
@@ -184,10 +187,6 @@ class EpochRecord(Callback):
             record["best_accuracy"] = row["accuracy"]
         save_checkpoint(self.learn, self.out, record)
         write_views(self.out, record)
-        if self.print_lines:
-            extra = f" valid_loss {row['valid_loss']:.4f} accuracy {row['accuracy']:.4f}" if has_valid else ""
-            print(f"{self.stage.name} epoch {self.epoch + 1}/{self.n_epoch} size {self.stage.size}: "
-                  f"train_loss {row['train_loss']:.4f}{extra} ({row['seconds']:.1f}s)", flush=True)
 
     def _check_finite(self, values, lrs):
         for key in ("train_loss", "valid_loss"):
@@ -279,21 +278,11 @@ def _read_history(out):
         return [{k: _num(v) if k in NUMERIC else v for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-NUMERIC = {"epoch", "size", "bs", "train_loss", "valid_loss", *METRICS, "seconds"}
-
-
-def use_device(learn):
-    """bf16 (or fp16) mixed precision and channels-last on a GPU; plain fp32 on the CPU. Returns a description."""
-    if torch.cuda.is_available():
-        setup_cuda(benchmark=True)  # cuDNN picks the fastest kernels for the recipe's fixed image sizes
-        bf16 = torch.cuda.is_bf16_supported()
-        learn.to_channelslast(amp_mode="bf16" if bf16 else "fp16")
-        return f"GPU {torch.cuda.get_device_name()}, {'bf16' if bf16 else 'fp16'} mixed precision, channels-last"
-    return "CPU, fp32 (no GPU found: this will be slow for real datasets)"
+NUMERIC = {"epoch", "size", "bs", "train_loss", "train_accuracy", "valid_loss", *METRICS, "seconds"}
 
 
 def show_bars(learn, bars):
-    """fastprogress bars on a terminal; in a log file they pile up, so EpochRecord prints lines instead."""
+    """fastprogress bars on a terminal; in a log file they pile up, so train_progress.RunProgress prints lines instead."""
     if not bars and any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)
         learn.logger = lambda *args: None  # the Recorder would print raw lists
@@ -399,9 +388,16 @@ def _previous_live(stages, i):
     return next((s for s in reversed(stages[:i]) if s.epochs), None)
 
 
-def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=()):
+def epochs_left(stages, out):
+    """[(epochs, size)] of what a run in `out` still trains, by its progress.json (everything when it has none):
+    for the CPU-time estimate, before the checkpoint is read."""
+    return [(stage.epochs - first, stage.size) for _, stage, first in plan(stages, _done(_read_progress(out), stages))]
+
+
+def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=(), log_every=60.0):
     """Fit each stage in turn, re-making the DataLoaders when the size or batch size changes and the optimizer
-    when a stage names another one.
+    when a stage names another one. On a terminal fastai's progress bars say the stage and the run's epoch; otherwise
+    a line every `log_every` seconds and at each epoch's end (train_progress.py).
 
     With `resume`, the model, optimizer and record continue from the checkpoint (every process of a data-parallel run
     loads it, and only the main one writes); on a single process the random state too, at the point the
@@ -412,6 +408,11 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
         out.mkdir(parents=True, exist_ok=True)
     bars = sys.stdout.isatty() if bars is None else bars
     show_bars(learn, bars)
+    live = [i for i, s in enumerate(stages) if s.epochs]
+    run_plan = RunPlan([(stages[i].name, stages[i].epochs, stages[i].size) for i in live])
+    if bars and any(type(cb) is ProgressCallback for cb in learn.cbs):
+        learn.remove_cb(ProgressCallback)
+        learn.add_cb(RunProgressBar(run_plan))
     learn.recorder.smooth_loss = EpochMeanLoss()
     record, saved_rng, current, optimizer = {}, None, None, None
     if resume and (out / CHECKPOINT).exists():
@@ -442,7 +443,9 @@ def run_stages(learn, stages, make_dls, out, resume=False, bars=None, extra_cbs=
         if n == 0 and saved_rng is not None and same_loaders and distributed.world_size() == 1:
             set_rng_state(learn, saved_rng)  # the uninterrupted run drew on from here, with the loaders it had
         set_trainable(learn, stage, starting=first_epoch == 0)
-        cbs = [EpochRecord(out, i, stage, print_lines=not bars, record=record), *extra_cbs]
+        run_plan.current = live.index(i)
+        cbs = [TrainAccuracy(), EpochRecord(out, i, stage, record=record),
+               RunProgress(run_plan, lines=not bars, log_every=log_every, main=distributed.is_main()), *extra_cbs]
         if len(learn.dls.valid_ds) == 0:
             cbs.append(SkipValidation())
         elif stage.patience:

@@ -107,11 +107,11 @@ def prepared(layouts, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory):
-    """A run folder of run.py: resnet18 from scratch, all three stages, tiny sizes."""
+    """A run folder of run.py: resnet18 from scratch, all three stages, tiny sizes; its checkpoint kept, to compare."""
     from finegrained import runner as run
     out = tmp_path_factory.mktemp("runs") / "tiny"
     run.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--epochs", "2,4,2",
-              "--sizes", "48,64", "--bs", "16,16", "--workers", "0", "--out", str(out)])
+              "--sizes", "48,64", "--bs", "16,16", "--workers", "0", "--out", str(out), "--keep-checkpoint"])
     return out
 
 

@@ -44,7 +44,7 @@ def ranks(record):
 @pytest.fixture(scope="module")
 def ddp_run(prepared, tmp_path_factory):
     base = tmp_path_factory.mktemp("ddp")
-    result = launch(run_args(prepared, base / "run"), base / "record")
+    result = launch([*run_args(prepared, base / "run"), "--keep-checkpoint"], base / "record")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return base, result
 

@@ -1,6 +1,7 @@
 """A resumed run is the run it continues: the same data (checked by checksum, from any directory), the same
 trajectory (model, optimizer, schedule, BatchNorm statistics and random state), whatever write of an epoch a kill
-interrupted; one process per run folder; and a diverged run ends in one line with its last good checkpoint kept."""
+interrupted; one process per run folder; a diverged run ends in one line with its last good checkpoint kept; and a
+finished run's checkpoint is removed (unless --keep-checkpoint) and its resume scores model.safetensors again."""
 import contextlib
 import json
 import shutil
@@ -158,3 +159,22 @@ def test_a_diverged_run_stops_in_one_line_and_keeps_the_last_good_checkpoint(pre
     assert state["record"]["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values()
                                                  if v.is_floating_point())
     assert len(pd.read_csv(out / "history.csv")) == 2 and not (out / "model.safetensors").exists()
+
+
+def test_a_finished_run_removes_its_checkpoint_unless_kept_and_resumes_from_its_model(prepared, tmp_path, capsys):
+    from safetensors.torch import load_file
+    one_epoch = ["--epochs", "1,0,0", "--sizes", "32,32"]  # given last, they override tiny()'s
+    out, kept = tmp_path / "run", tmp_path / "kept"
+    run.main(tiny(prepared, out, *one_epoch))
+    printed = capsys.readouterr().out
+    assert not (out / "checkpoint.pth").exists() and "checkpoint.pth removed now that the run has finished" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = (out / "history.csv").read_text()
+    run.main(["--out", str(out), "--resume", "--workers", "0"])  # scored again from model.safetensors
+    printed = capsys.readouterr().out
+    assert "scoring its model.safetensors again" in printed and f"test accuracy: {metrics['test_top1']:.4f}" in printed
+    assert (out / "history.csv").read_text() == history  # nothing trained
+    run.main(tiny(prepared, kept, *one_epoch, "--keep-checkpoint"))
+    state = torch.load(kept / "checkpoint.pth", weights_only=True)
+    weights = load_file(kept / "model.safetensors")
+    assert all(torch.equal(weights[k], v.float() if v.is_floating_point() else v) for k, v in state["model"].items())

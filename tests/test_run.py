@@ -204,7 +204,8 @@ def test_unreadable_training_image_is_named_before_training(prepared, tmp_path):
     train = pd.read_csv(data / "train.csv")
     (data / train["filename"][6]).write_bytes(b"not a jpeg")
     with pytest.raises(UserError, match=rf"train\.csv, row 7: .*{train['filename'][6]}: cannot be read as an image"):
-        run.main(["--data", str(data), "--arch", "resnet18", "--no-pretrained", "--out", str(tmp_path / "o")])
+        run.main(["--data", str(data), "--arch", "resnet18", "--no-pretrained", "--epochs", "1,1,0", "--sizes", "32,32",
+                  "--out", str(tmp_path / "o")])  # a short run: --device auto refuses a long one on the CPU first
 
 
 def test_every_run_folder_has_its_curves_and_a_self_contained_report(trained):
