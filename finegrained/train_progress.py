@@ -62,12 +62,20 @@ class TrainAccuracy(Callback):
         self.metric = copy.copy(found[0]) if found else None  # a copy: the original accumulates validation batches
 
     def before_train(self):
+        # set, so that the Learner's attribute lookup never falls through to this callback (fastai finds callbacks by
+        # name): None for an epoch with nothing to score (every batch mixed, or no accuracy metric)
+        self.learn.train_accuracy = None
         if self.metric is not None:
             self.metric.reset()
 
     def after_batch(self):
-        if self.metric is not None and self.training and len(self.yb):
+        if self.metric is not None and self.training and len(self.yb) and not self._mixed():
             self.metric.accumulate(self.learn)
+
+    def _mixed(self):
+        """Whether the batch's targets are mixed (mixup/cutmix's soft targets): no true class to score against."""
+        target = self.yb[-1]
+        return target.ndim > 1 and target.is_floating_point()
 
     def after_train(self):
         if self.metric is not None and self.metric.count:

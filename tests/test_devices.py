@@ -29,7 +29,7 @@ def test_every_script_that_runs_a_model_takes_device_and_names_the_driver_when_a
         prepared, tmp_path, monkeypatch):
     import lr_find
     from finegrained import runner as run
-    import test as holdout
+    from finegrained import holdout
     monkeypatch.setattr(devices, "gpu_evidence", lambda: "/dev/nvidia0")
     major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
     for main, args in ((run.main, ["--data", str(prepared), "--out", str(tmp_path / "run")]),

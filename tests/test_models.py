@@ -1,5 +1,6 @@
 """models.py: backbones by name, the recipe's parameter groups and rates, frozen BatchNorm
 training, local weights, offline pretrained weights, and pickle-free saving."""
+import importlib
 import copy
 import pickle
 import urllib.error
@@ -151,7 +152,7 @@ def test_models_py_counts_each_parameter_group_as_torchvision_builds_it(capsys):
     """models.py: the published recipe's ResNeXt50 has torchvision's body (its parameters less the 1000-class fc) in the
     first two groups, fastai's concat head for 196 classes in the last; the frozen stage trains the head and BatchNorm."""
     import torchvision
-    from finegrained import models as models_script
+    models_script = importlib.import_module("models")  # the top-level script, not finegrained.models
     models_script.main([])
     lines = capsys.readouterr().out.splitlines()
     groups = [float(line.split(":")[1].split()[0]) for line in lines if line.startswith("  group ")]

@@ -14,9 +14,7 @@ from fastai.callback.core import Callback
 from finegrained import runner as run
 from finegrained import trackers
 
-EPOCHS = "1,1,0"
-TINY = ["--arch", "resnet18", "--no-pretrained", "--epochs", EPOCHS, "--sizes", "32,32", "--bs", "16,16",
-        "--workers", "0"]
+TINY = ["--arch", "resnet18", "--no-pretrained", "--sizes", "32,32", "--bs", "16,16", "--workers", "0"]
 BATCHES = 7  # 120 training images in batches of 16, the last one dropped
 
 
@@ -47,23 +45,25 @@ def logged(prepared, tmp_path_factory):
     counter, real, log = CountCorrect(), trackers.tracker_callbacks, io.StringIO()  # a StringIO is no terminal
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(log):
         mp.setattr(trackers, "tracker_callbacks", lambda *a, **k: [*real(*a, **k), counter])
-        run.main(["--data", str(prepared), *TINY, "--out", str(out), "--tracker", "tensorboard", "--log-every", "0"])
+        run.main(["--data", str(prepared), *TINY, "--epochs", "1,2,0", "--out", str(out), "--tracker", "tensorboard",
+                  "--log-every", "0"])  # two epochs in one stage: the accuracy starts afresh each epoch, not each stage
     return out, log.getvalue().splitlines(), counter.epochs
 
 
 def test_a_log_file_gets_a_line_per_interval_with_loss_lr_images_per_s_and_the_etas(logged):
     out, printed, _ = logged
     number, text = r"[0-9.]+(?:e-?[0-9]+)?", r"[0-9.]+ (?:s|min|h)"
-    batch = re.compile(rf"^stage (frozen|unfrozen) \(([12])/2\), epoch ([12])/2, batch ([0-9]+)/{BATCHES}: "
+    batch = re.compile(rf"^stage (frozen|unfrozen) \(([12])/2\), epoch ([123])/3, batch ([0-9]+)/{BATCHES}: "
                        rf"loss ({number}) lr ({number}) \| ({number}) images/s, ETA stage ({text}), run ({text})$")
     lines = [m.groups() for line in printed if (m := batch.match(line))]
-    # every batch of every epoch, in order, each epoch counted over the whole run (the second stage goes on at 2/2)
-    assert [(g[0], g[2], g[3]) for g in lines] == [(s, e, str(b)) for s, e in (("frozen", "1"), ("unfrozen", "2"))
+    # every batch of every epoch, in order, each epoch counted over the whole run (the second stage goes on at 2/3)
+    assert [(g[0], g[2], g[3]) for g in lines] == [(s, e, str(b)) for s, e in (("frozen", "1"), ("unfrozen", "2"),
+                                                                               ("unfrozen", "3"))
                                                    for b in range(1, BATCHES + 1)]
     assert all(float(g[6]) > 0 for g in lines)
-    epoch_end = [line for line in printed if re.match(r"^stage \w+ \([12]/2\), epoch [12]/2, size 32: train_loss", line)]
+    epoch_end = [line for line in printed if re.match(r"^stage \w+ \([12]/2\), epoch [123]/3, size 32: train_loss", line)]
     history = pd.read_csv(out / "history.csv")
-    assert len(epoch_end) == len(history) == 2
+    assert len(epoch_end) == len(history) == 3
     for line, (_, row) in zip(epoch_end, history.iterrows()):
         assert f"train_loss {row['train_loss']:.4f} train_accuracy {row['train_accuracy']:.4f}" in line
         speed = float(re.search(rf"\| ({number}) images/s", line).group(1))
@@ -71,7 +71,7 @@ def test_a_log_file_gets_a_line_per_interval_with_loss_lr_images_per_s_and_the_e
         assert speed >= 0.9 * BATCHES * 16 / row["seconds"]
     assert epoch_end[-1].endswith("ETA stage 0 s, run 0 s")  # nothing left after the last epoch
     first = [line for line in printed if line.startswith("after its first epoch")]
-    assert len(first) == 1 and "the run's 1 remaining epoch should take about" in first[0]
+    assert len(first) == 1 and "the run's 2 remaining epochs should take about" in first[0]
 
 
 def test_history_records_the_training_accuracy_the_predictions_had(logged):
@@ -88,11 +88,11 @@ def test_the_tracker_gets_the_same_figures(logged):
     tags = events.Tags()["scalars"]
     for tag in ("train_accuracy", "progress/images_per_s", "progress/eta_stage_s", "progress/eta_run_s"):
         assert tag in tags, tags
-        assert [e.step for e in events.Scalars(tag)] == [1, 2]
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3]
     history = pd.read_csv(out / "history.csv")
     assert [e.value for e in events.Scalars("train_accuracy")] == pytest.approx(history["train_accuracy"], abs=1e-6)
     shown = [float(re.search(r"\| ([0-9.]+) images/s", line).group(1)) for line in printed
-             if re.match(r"^stage \w+ \([12]/2\), epoch [12]/2, size", line)]
+             if re.match(r"^stage \w+ \([12]/2\), epoch [123]/3, size", line)]
     assert [e.value for e in events.Scalars("progress/images_per_s")] == pytest.approx(shown, abs=0.06)
     assert events.Scalars("progress/eta_run_s")[-1].value == pytest.approx(0.0, abs=1e-6)
 
@@ -102,7 +102,7 @@ def test_a_terminal_shows_the_stage_and_the_runs_epoch_in_fastais_bars_and_table
     import fastprogress.fastprogress as fp
     monkeypatch.setattr(fp, "printing", lambda: True)  # fastprogress draws only on a terminal
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
-    run.main(["--data", str(prepared), *TINY, "--out", str(tmp_path / "run")])
+    run.main(["--data", str(prepared), *TINY, "--epochs", "1,1,0", "--out", str(tmp_path / "run")])
     shown = capsys.readouterr().out.replace("\r", "\n")
     assert "stage frozen (1/2), epoch 1/2 :" in shown and "stage unfrozen (2/2), epoch 2/2 :" in shown
     assert not re.search(r"Epoch \d+/\d+ :", shown)  # fastai's own counter, which restarts every stage

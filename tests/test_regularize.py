@@ -210,7 +210,7 @@ def test_modern_runs_scaled_down_and_scores_and_saves_the_ema_weights(prepared, 
     from finegrained.prepare.tables import read_table
     from finegrained.models import load_trained
     out = tmp_path / "modern"
-    run.main(modern(prepared, out))
+    run.main(modern(prepared, out, "--keep-checkpoint"))  # the checkpoint, to compare its EMA with the model
     history = [line.split(",") for line in (out / "history.csv").read_text().splitlines()[1:]]
     assert len(history) == 2 and {row[4] for row in history} == {"AdamW"}
     saved = load_file(out / "model.safetensors")

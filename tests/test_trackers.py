@@ -164,7 +164,7 @@ def test_none_unknown_and_missing_packages(tmp_path, monkeypatch):
 
 
 def test_importing_trackers_imports_no_tracker():
-    code = "import sys, trackers; print(sorted(m for m in ('wandb', 'mlflow', 'tensorboard') if m in sys.modules))"
+    code = "import sys; from finegrained import trackers; print(sorted(m for m in ('wandb', 'mlflow', 'tensorboard') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
