@@ -45,7 +45,7 @@ demo: install
 	rm -rf $(DEMO_DIR)
 	$(PY) tools/synth.py --out $(DEMO_DIR)/source --classes 6 --train-per-class 60 --test-per-class 25
 	$(PY) data.py --dataset cars --root $(DEMO_DIR)/data --source $(DEMO_DIR)/source
-	$(PY) lr_find.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained --size 64 --bs 16 --num-it 40 --out $(DEMO_DIR)/run
+	$(PY) lr_find.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained --sizes 64,96 --bs 16,16 --num-it 40 --out $(DEMO_DIR)/run
 	$(PY) run.py --data $(DEMO_DIR)/data/stanford_cars --arch resnet18 --no-pretrained \
 	    --epochs 1,6,2 --sizes 64,96 --bs 16,16 --out $(DEMO_DIR)/run
 	$(PY) test.py --model $(DEMO_DIR)/run --folder $(DEMO_DIR)/source/cars_test \

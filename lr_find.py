@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from finegrained import cli
+from finegrained import recipe as recipes
 from finegrained.errors import UserError
 from finegrained.files import write_json
 
@@ -27,7 +28,6 @@ def lr_values(recipe, index, lr):
     the head lr `lr`, every other stage its recipe's: one value per run of stages sharing an lr when that says it,
     else one per stage (recipe._spread reads both). Under lr_rule "linear" the recipe's lr is for 256 images, so the
     value is lr x 256 / the stage's bs, which the stage trains at as `lr`."""
-    from finegrained import recipe as recipes
     stages = recipe["stages"]
     value = lr * 256 / stages[index]["bs"] if recipe["lr_rule"] == "linear" else lr
     runs = recipes._runs([s["lr"] for s in stages])
@@ -49,8 +49,11 @@ def run_command(args, recipe, given, index, lr):
     flags += ["--weights", str(args.weights)] if args.weights else []
     for key, value in given.items():   # the recipe settings given here, as run.py spells them
         name = key.replace("_", "-")
-        flags += ([f"--{name}" if value else f"--no-{name}"] if isinstance(value, bool) else [f"--{name}", f"{value:g}"
-                  if isinstance(value, float) else str(value)])
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        elif key != "lr":   # --lr is the suggestion's, below
+            shown = ",".join(f"{v:g}" for v in value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) else str(value)
+            flags += [f"--{name}", shown]
     values, targets = lr_values(recipe, index, lr)
     return shlex.join(["python", "run.py", *flags, "--lr", values]), targets
 
@@ -58,7 +61,6 @@ def run_command(args, recipe, given, index, lr):
 def measured(args):
     """(the resolved recipe, the recipe settings the flags give, the index of the stage the test is for: the first that
     trains that way, else the first). With --model, the trained model's architecture and head."""
-    from finegrained import recipe as recipes
     where, raw = recipes.load(args.recipe)
     given = recipes.overrides(args)
     recipe = recipes.resolve(raw, given, where)
@@ -77,18 +79,16 @@ def parse_args(argv=None):
     p = cli.parser(__doc__)
     cli.add_data(p, DEFAULT_DATA)
     cli.add_recipe(p)
-    cli.add_model_choice(p)
+    recipes.add_flags(p, skip=("epochs",))
+    cli.add_weights(p)
     p.add_argument("--stage", choices=["frozen", "unfrozen"], default="frozen",
                    help="test with the body frozen (except BatchNorm) or unfrozen")
     p.add_argument("--model", default=None,
                    help="start from this trained model folder (from run.py) instead of the backbone's ImageNet weights")
-    p.add_argument("--size", type=int, default=None, help="image size (default: from the recipe's stage)")
-    p.add_argument("--bs", type=int, default=None, help="batch size (default: from the recipe's stage)")
     p.add_argument("--start-lr", type=float, default=1e-7, help="smallest learning rate tried")
     p.add_argument("--end-lr", type=float, default=10.0, help="largest learning rate tried")
     p.add_argument("--num-it", type=int, default=100, help="number of mini-batches (learning rates) tried")
-    p.add_argument("--wd", type=float, default=None, help="weight decay (default: from the recipe's stage)")
-    cli.add_common_training(p)
+    cli.add_workers(p)
     cli.add_device(p)
     p.add_argument("--out", default=".", help="folder for loss_plot_<stage>.png and lr_find_<stage>.json (a run folder "
                                               "you then train into with run.py --out: its report shows the plot)")
@@ -102,16 +102,15 @@ def main(argv=None):
     args = parse_args(argv)
     from fastai.callback.schedule import minimum, slide, steep, valley
     from fastai.torch_core import set_seed
-    from finegrained.data import dls_args, get_dls
     from finegrained.prepare.tables import check_table_images, read_table
-    from finegrained.models import create_learner, learner_args, load_trained
+    from finegrained.models import build_learner, load_trained
     from finegrained.plots import LR_FIND_JSON, LR_FIND_PNG, SUGGESTIONS, lr_find_plot  # in --out; run.py's report shows the plots
     from finegrained.devices import choose, prepare
     from finegrained.train import show_bars
 
     recipe, given, index = measured(args)
     stage = recipe["stages"][index]
-    size, bs = args.size or stage["size"], args.bs or stage["bs"]
+    size, bs = stage["size"], stage["bs"]
     data = Path(args.data)
     if not data.is_dir():
         raise UserError(f"{data}: no such data folder (prepare it first: python data.py --dataset cars --root data)")
@@ -119,10 +118,9 @@ def main(argv=None):
     set_seed(recipe["seed"])
     train_df = read_table(data / "train.csv")
     check_table_images(train_df, data / "train.csv")
-    dls = get_dls(train_df, size, bs, **dls_args(recipe), workers=args.workers)
-    arch = recipe["arch"]
-    learn = create_learner(dls, weights=args.weights, **{**learner_args(recipe, stage),
-                                                         "pretrained": recipe["pretrained"] and args.model is None})
+    learn = build_learner(recipe, train_df, stage, workers=args.workers, weights=args.weights,
+                          pretrained=args.model is None)
+    dls, arch = learn.dls, recipe["arch"]
     if args.model:
         trained, meta = load_trained(args.model)
         if len(meta["classes"]) != dls.c:

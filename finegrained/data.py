@@ -16,7 +16,7 @@ from finegrained.boxes import localize_block, one_box_per_image, require_boxes
 from finegrained.errors import UserError
 from finegrained.images import BOX_COLUMNS, BOX_MARGIN, default_workers, open_image
 from finegrained.prepare.tables import read_table
-from finegrained.recipe import RESIZE
+from finegrained.recipe import RESIZE, Recipe, Stage
 
 IMAGENET_STATS = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
@@ -99,9 +99,10 @@ def batch_transforms(augment, stats=IMAGENET_STATS):
     return [*(aug_transforms() if augment == "fastai" else []), Normalize.from_stats(*stats)]
 
 
-def get_dls(train_csv, size=224, bs=32, valid_pct=0.0, seed=42, crop_bbox=False, margin=BOX_MARGIN,
-            balance=False, augment="fastai", workers=None, device=None, stats=IMAGENET_STATS, draft=True,
-            resize="crop", crop_pct=1.0, head="concat", auto_augment="none"):
+def get_dls(train_csv, size=Stage.size, bs=Stage.bs, valid_pct=Recipe.valid_pct, seed=Recipe.seed,
+            crop_bbox=Recipe.crop_bbox, margin=Recipe.bbox_margin, balance=Recipe.balance, augment=Recipe.augment,
+            workers=None, device=None, stats=IMAGENET_STATS, draft=True, resize=Recipe.resize, crop_pct=Recipe.crop_pct,
+            head=Recipe.head, auto_augment=Recipe.auto_augment):
     """fastai DataLoaders for a prepared train.csv.
 
     Labels are the class ids, so the model's classes are in class-id order. `augment`: "fastai" is fastai's

@@ -26,10 +26,11 @@ from timm.models import group_modules
 from torch import nn
 
 from finegrained.boxes import LocalizeLoss, localize_metrics
+from finegrained.data import dls_args, get_dls
 from finegrained.errors import UserError
 from finegrained.files import atomic, write_json
 from finegrained.heads import HEADS, make_head, OPTIONS
-from finegrained.recipe import ALIASES, TORCHVISION_ARCHS
+from finegrained.recipe import ALIASES, TORCHVISION_ARCHS, Recipe, Stage
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 
@@ -198,18 +199,41 @@ def learner_args(recipe, stage, boxes=True):
             **head_args(recipe, boxes)}
 
 
+def recipe_dls(recipe, table, size, bs, workers=None, **data_changes):
+    """data.get_dls for the rows of `table` with a resolved recipe's data keys (`data_changes` replacing some)."""
+    return get_dls(table, size, bs, **{**dls_args(recipe), **data_changes}, workers=workers)
+
+
+def build_learner(recipe, table, stage, size=None, bs=None, workers=None, weights=None, path=".", pretrained=None,
+                  boxes=True, **data_changes):
+    """The one path from a resolved recipe to a Learner, for training, run.py --sanity and lr_find.py: DataLoaders
+    for the rows of `table` (data.get_dls with the recipe's data keys, at `size` and `bs`, by default the stage's;
+    `data_changes` replace some of those keys), then create_learner with the recipe's model and `stage`'s optimizer.
+    `pretrained`: False starts from random weights whatever the recipe says (a trained model is loaded next);
+    `boxes=False` as for head_args."""
+    if not boxes:
+        data_changes = {**data_changes, "head": "concat"}
+    dls = recipe_dls(recipe, table, size or stage["size"], bs or stage["bs"], workers, **data_changes)
+    keys = learner_args(recipe, stage, boxes)
+    if pretrained is not None:
+        keys["pretrained"] = keys["pretrained"] and pretrained
+    return create_learner(dls, weights=weights, path=path, **keys)
+
+
 def is_localize_dls(dls):
     """Whether `dls` yields (image, box, class), as data.get_dls(head="localize") builds them."""
     return len(getattr(dls.train_ds, "tls", ())) == 3 and dls.n_inp == 1
 
 
-def create_learner(dls, arch="resnext50_32x4d", pretrained=True, weights=None, loss="ce", wd=1e-3, path=".",
-                   head="concat", opt="adam", mom=0.9, head_options=None, box_loss="smoothl1", box_lambda=1.0,
-                   sqr_mom=0.99, eps=1e-5, wd_bn_bias=False, train_bn=True, drop_path_rate=0.0):
+def create_learner(dls, arch=Recipe.arch, pretrained=Recipe.pretrained, weights=None, loss=Recipe.loss, wd=Stage.wd,
+                   path=".", head=Recipe.head, opt=Stage.opt, mom=Stage.mom, head_options=None, box_loss=Recipe.box_loss,
+                   box_lambda=Recipe.box_lambda, sqr_mom=Stage.sqr_mom, eps=Stage.eps, wd_bn_bias=Recipe.wd_bn_bias,
+                   train_bn=Recipe.train_bn, drop_path_rate=Recipe.drop_path_rate):
     """A fastai Learner: the backbone and head, the loss, the optimizer (AdamW by default; one-cycle cycles its beta1),
     BatchNorm trained even when frozen (unless `train_bn=False`: then a frozen BatchNorm keeps its weights and, through
     fastai's BnFreeze, its running statistics), weight decay on BatchNorm and biases only with `wd_bn_bias`, and the
-    body frozen when it starts from ImageNet weights; `drop_path_rate`: a timm backbone's stochastic depth.
+    body frozen when it starts from ImageNet weights; `drop_path_rate`: a timm backbone's stochastic depth. The
+    defaults are the recipe keys' (recipe.Recipe and recipe.Stage).
 
     head "localize" needs DataLoaders from data.get_dls(..., head="localize"); its loss is the class loss plus
     box_lambda x the box loss (boxes.LocalizeLoss), and it logs accuracy, top-5, mean_iou and iou50 every epoch."""

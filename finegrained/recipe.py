@@ -1,46 +1,32 @@
 """Recipes: a write-up's training system as data.
 
-A recipe is a TOML file under recipes/ (or the `recipe` of a run's config.json): run-wide settings
-and a list of stages. `load` reads one by name or path; `resolve` fills in the defaults, applies
-the command line's overrides and checks every value, so that run.py and lr_find.py only read a
-recipe and adding a write-up's system means adding a file. Keys are documented in recipes/README.md."""
+`Recipe` (run-wide keys) and `Stage` (one fit) below are the one place a recipe key is declared: its type, default,
+choices or interval, what it does, and whether run.py, train.py, lr_find.py and models.py take it as a flag
+(`add_flags` makes those flags; recipes/README.md's key tables are `key_tables()`). A recipe is a TOML file under
+recipes/ (or the `recipe` of a run's config.json) that fills them: run-wide keys and a list of [[stages]]. `load`
+reads one by name or path; `resolve` fills in the defaults, applies the command line's overrides and checks every
+value, and returns the recipe as config.json holds it (`dataclasses.asdict` of a Recipe), so that the scripts only
+read a recipe and adding a write-up's system means adding a file.
+
+This module imports neither torch nor fastai: every script's --help is built from it."""
+import argparse
 import copy
+import dataclasses
 import json
 import math
+import re
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from finegrained.cli import float_list, int_list
 from finegrained.errors import UserError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # the checkout's recipes/, beside the scripts
 DEFAULT = "fastai_resnext50"
-
-RUN_DEFAULTS = {
-    "arch": "resnext50_32x4d", "head": "concat", "pretrained": True, "loss": "ce", "valid_pct": 0.0, "seed": 42,
-    "resize": "crop", "crop_pct": 1.0, "crop_bbox": False, "balance": False, "augment": "fastai",
-    "bilinear_dim": 512,       # head bilinear: channels of the 1x1 reduction before the outer product (0: none)
-    "box_loss": "smoothl1",    # head localize: smoothl1 or giou, on boxes in the input frame (-1..1)
-    "box_lambda": 1.0,         # head localize: loss = class loss + box_lambda x box loss
-    "bbox_margin": 0.16,       # crop_bbox: each box grown by this share of its size on every side (0: the tight box)
-    "wd_bn_bias": False,       # weight decay on BatchNorm and bias tensors too (fastai v2 exempts them; torch and fastai v1 do not)
-    "train_bn": True,          # BatchNorm trains (weights and running statistics) inside a frozen body
-    "lr_rule": "none",         # linear: each stage trains at lr x bs / 256 (the recipe's lr is the rate for 256 images)
-    # regularization from timm's and torchvision's ImageNet recipes (regularize.py), each off by default
-    "mixup_alpha": 0.0,        # mixup's Beta(alpha, alpha) on training batches (0: off)
-    "cutmix_alpha": 0.0,       # cutmix's Beta(alpha, alpha) (0: off); with both on, each batch takes one of them
-    "mixup_prob": 1.0,         # the share of training batches mixed at all (timm's prob)
-    "mixup_switch_prob": 0.5,  # with both on: the share of mixed batches that take cutmix (timm's switch_prob)
-    "ema_decay": 0.0,          # an exponential moving average of the weights, validated, scored and saved (0: off)
-    "auto_augment": "none",    # trivialaugment or randaugment (torchvision's) on training items
-    "drop_path_rate": 0.0,     # stochastic depth of a timm backbone (timm.create_model's drop_path_rate)
-}
-STAGE_DEFAULTS = {
-    "name": None, "epochs": 1, "size": 224, "bs": 32, "lr": 1e-3, "lr_div": 1.0, "opt": "adam", "mom": 0.9,
-    "wd": 0.0, "schedule": "one_cycle", "step_every": 1, "step_gamma": 0.1, "train": "all", "blocks": 0, "patience": 0,
-    "pct_start": 0.25, "div": 25.0, "div_final": 1e5,   # one_cycle's shape (fastai): peak at pct_start, from lr/div to lr/div_final
-    "sqr_mom": 0.99, "eps": 1e-5,                      # adam: beta2 and eps (fastai's defaults; torch's are 0.999 and 1e-8)
-    "warmup_pct": 0.0,                                 # cosine: the share of the stage the rate rises linearly from 0
-}
+# the recipes' resize names -> fastai's ResizeMethod values: the one resize vocabulary. fastai spells squash "squish",
+# and takes any other string as a crop without a word: Resize(method="squash") silently centre-cropped until this mapping
+RESIZE = {"crop": "crop", "squash": "squish", "pad": "pad"}
 # the torchvision backbones by name (models.py cuts them itself); any other name is timm's
 TORCHVISION_ARCHS = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
                      "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"}
@@ -53,35 +39,121 @@ ALIASES = {
     "inceptionresnetv2": "inception_resnet_v2",
 }
 
-# the recipes' resize names -> fastai's ResizeMethod values: the one resize vocabulary. fastai spells squash "squish",
-# and takes any other string as a crop without a word: Resize(method="squash") silently centre-cropped until this mapping
-RESIZE = {"crop": "crop", "squash": "squish", "pad": "pad"}
-CHOICES = {
-    "loss": ("ce", "smooth", "focal"), "resize": tuple(RESIZE),
-    "augment": ("fastai", "flip_crop", "rrc_flip", "none"), "lr_rule": ("none", "linear"),
-    "opt": ("adam", "sgd"), "schedule": ("one_cycle", "step", "cosine", "flat", "flat_cos"),
-    "train": ("frozen", "all", "reinit"), "box_loss": ("smoothl1", "giou"),
-    "auto_augment": ("none", "trivialaugment", "randaugment"),
-}
-# bounds beyond "not negative": (low, high, how to say it); OPEN_* says which bounds exclude their value
-RANGES = {"mom": (0, 1, "in [0, 1) (0: no momentum)"), "step_gamma": (0, 1, "in (0, 1] (the factor each drop multiplies by)"),
-          "lr_div": (0, None, "above 0 (earlier groups get lr / lr_div)"), "bs": (1, None, "at least 1"),
-          "size": (8, None, "at least 8 (pixels)"), "valid_pct": (0, 1, "in [0, 1)"),
-          "crop_pct": (0.1, 1, "in [0.1, 1] (the share of the resized image the crop keeps)"),
-          "pct_start": (0, 1, "in (0, 1) (the share of the stage before the peak)"), "div": (0, None, "above 0"),
-          "div_final": (0, None, "above 0"), "sqr_mom": (0, 1, "in [0, 1)"), "eps": (0, None, "above 0"),
-          "bbox_margin": (0, 1, "in [0, 1] (the share of the box added on each side)"),
-          "mixup_prob": (0, 1, "in [0, 1] (the share of training batches mixed)"),
-          "mixup_switch_prob": (0, 1, "in [0, 1] (the share of mixed batches that take cutmix)"),
-          "ema_decay": (0, 1, "in [0, 1) (0: no EMA of the weights)"),
-          "drop_path_rate": (0, 1, "in [0, 1) (0: no stochastic depth)"),
-          "warmup_pct": (0, 1, "in [0, 1) (the share of the stage spent warming up)")}
-OPEN_BELOW = {"step_gamma", "lr_div", "pct_start", "div", "div_final", "eps"}
-OPEN_ABOVE = {"mom", "valid_pct", "pct_start", "sqr_mom", "ema_decay", "drop_path_rate", "warmup_pct"}
-LIST_FLAGS = {"epochs": "epochs", "sizes": "size", "bs": "bs", "lr": "lr"}   # flag -> stage key
-RUN_FLAGS = ("arch", "head", "pretrained", "loss", "valid_pct", "seed", "crop_bbox", "balance", "bilinear_dim", "box_loss",
-             "box_lambda", "bbox_margin", "wd_bn_bias", "train_bn", "lr_rule", "mixup_alpha", "cutmix_alpha", "ema_decay",
-             "auto_augment", "drop_path_rate")
+
+def key(default, doc, *, choices=(), within=None, flag=False, metavar=None):
+    """A recipe key's declaration. `doc`: what it does (markdown: recipes/README.md and --help); `within`: an interval
+    such as "[0, 1)" or "(0, inf)" (every number is also at least 0); `flag`: True gives run-wide keys a flag of their
+    own name, and a stage key the name of its flag ("sizes"); a stage flag takes one value per stage (or per run of
+    stages sharing one), except --wd, whose one value sets every stage."""
+    return field(default=default, metadata={"doc": doc, "choices": tuple(choices), "within": within, "flag": flag,
+                                            "metavar": metavar})
+
+
+@dataclass
+class Stage:
+    """One fit of a recipe: a [[stages]] table (a stage key at the recipe's top level is the default of every stage)."""
+    name: str = key(None, "shown in history.csv and the logs (default: `stage<N>`)")
+    epochs: int = key(1, "epochs; 0 skips the stage", flag="epochs")
+    size: int = key(224, "image size (pixels)", within="[8, inf)", flag="sizes")
+    bs: int = key(32, "batch size (the global batch under data-parallel training)", within="[1, inf)", flag="bs")
+    lr: float = key(1e-3, "max learning rate of the head (for 256 images under `lr_rule = \"linear\"`; `--show` prints "
+                          "the rate trained at); each earlier parameter group gets it / `lr_div`", flag="lr")
+    lr_div: float = key(1.0, "each earlier parameter group gets the next group's rate divided by this (3 in "
+                             "`fastai_resnext50`)", within="(0, inf)")
+    opt: str = key("adam", "`adam` (fastai's Adam with decoupled weight decay: AdamW) or `sgd` (momentum, L2 weight "
+                           "decay as `torch.optim.SGD`)", choices=("adam", "sgd"))
+    mom: float = key(0.9, "momentum (Adam's beta1; one-cycle cycles it)", within="[0, 1)")
+    sqr_mom: float = key(0.99, "Adam's beta2 (fastai's default; torch's is 0.999)", within="[0, 1)")
+    eps: float = key(1e-5, "Adam's eps (fastai's default; torch's is 1e-8, Keras's 1e-7)", within="(0, inf)")
+    wd: float = key(0.0, "weight decay", flag="wd")
+    schedule: str = key("one_cycle", "`one_cycle`, `step` (x `step_gamma` every `step_every` epochs), `cosine` (to 0 "
+                                     "over the stage), `flat`, `flat_cos`",
+                        choices=("one_cycle", "step", "cosine", "flat", "flat_cos"))
+    warmup_pct: float = key(0.0, "`cosine` only: the share of the stage over which the rate first rises linearly from "
+                                 "0 to `lr`; the cosine then runs over the rest", within="[0, 1)")
+    pct_start: float = key(0.25, "one-cycle (fastai's `fit_one_cycle`): the share of the stage before the peak",
+                           within="(0, 1)")
+    div: float = key(25.0, "one-cycle: it starts at lr / `div`", within="(0, inf)")
+    div_final: float = key(1e5, "one-cycle: it ends at lr / `div_final`", within="(0, inf)")
+    step_every: int = key(1, "`step`: epochs between drops")
+    step_gamma: float = key(0.1, "`step`: the factor each drop multiplies the rate by", within="(0, 1]")
+    train: str = key("all", "`frozen` (body frozen; BatchNorm trains unless `train_bn = false`), `all`, `reinit` "
+                            "(re-initialize the backbone's last `blocks` blocks when the stage starts and train them "
+                            "with the head, the rest frozen)", choices=("frozen", "all", "reinit"))
+    blocks: int = key(0, "for `train = \"reinit\"`: how many of the backbone's last blocks")
+    patience: int = key(0, "early stopping: end the stage after this many epochs without a better validation loss; "
+                           "needs `valid_pct`")
+
+
+@dataclass
+class Recipe:
+    """A recipe's run-wide keys and its stages."""
+    name: str = key("recipe", "the recipe's name (default: its file's)")
+    arch: str = key("resnext50_32x4d", "backbone: a torchvision ResNet/ResNeXt name or any timm model name", flag=True)
+    pretrained: bool = key(True, "start from ImageNet weights, or (`--no-pretrained`) from random weights", flag=True)
+    head: str = key("concat", "`concat` (fastai's: avg+max pool, two linear layers), `linear` (torchvision's: average "
+                              "pool, one linear layer), `bilinear` (B-CNN: outer product pooling) or `localize` "
+                              "(concat plus a box head trained jointly; needs boxes)", flag=True)
+    bilinear_dim: int = key(512, "`head = \"bilinear\"`: channels of the 1x1 reduction before the outer product; 0 for "
+                                 "none", flag=True, metavar="CH")
+    box_loss: str = key("smoothl1", "`head = \"localize\"`: the box loss, on boxes in the input frame",
+                        choices=("smoothl1", "giou"), flag=True)
+    box_lambda: float = key(1.0, "`head = \"localize\"`: loss = class loss + box_lambda x box loss", flag=True,
+                            metavar="L")
+    loss: str = key("ce", "`ce` (cross-entropy), `smooth` (label smoothing 0.1) or `focal` (gamma 2)",
+                    choices=("ce", "smooth", "focal"), flag=True)
+    valid_pct: float = key(0.0, "the share of train held out for validation (needed by early stopping); 0 trains on "
+                                "all of train", within="[0, 1)", flag=True)
+    seed: int = key(42, "random seed of the validation split and the run", flag=True)
+    resize: str = key("crop", "fastai's `Resize` method: `crop` (random crop in training, centre when scoring), "
+                              "`squash` (the whole image, stretched: fastai's `squish`), `pad`", choices=tuple(RESIZE))
+    crop_pct: float = key(1.0, "below 1: resize to size / crop_pct, then crop `size`: random in training, the centre "
+                               "when scoring (timm's convention; `resnet50_448_ls`: 0.875 = 448 of 512)", within="[0.1, 1]")
+    crop_bbox: bool = key(False, "crop every image to its bounding box grown by `bbox_margin` before resizing",
+                          flag=True)
+    bbox_margin: float = key(0.16, "`crop_bbox`: the share of the box's size added on every side; 0 crops to the "
+                                   "tight box", within="[0, 1]", flag=True)
+    balance: bool = key(False, "sample a class uniformly, then an image of it (fastai's `WeightedDL`)", flag=True)
+    augment: str = key("fastai", "`fastai` (`aug_transforms()`), `flip_crop` (horizontal flip + a random crop of an "
+                                 "8 px padded image), `rrc_flip` (torchvision's `RandomResizedCrop(size)`, scale "
+                                 "0.08-1, + horizontal flip), `none`", choices=("fastai", "flip_crop", "rrc_flip", "none"))
+    wd_bn_bias: bool = key(False, "weight decay on BatchNorm and bias tensors too (fastai v2 exempts them; "
+                                  "`torch.optim` and fastai v1 do not)", flag=True)
+    train_bn: bool = key(True, "BatchNorm trains (weights and running statistics) inside a frozen body; false keeps "
+                               "them fixed (fastai's `BnFreeze`)", flag=True)
+    lr_rule: str = key("none", "`linear`: every stage trains at `lr` x `bs` / 256, so `lr` is the rate for 256 images",
+                       choices=("none", "linear"), flag=True)
+    mixup_alpha: float = key(0.0, "mixup's Beta(alpha, alpha) on training batches (timm's `Mixup`, batch mode: each "
+                                  "batch mixed with itself reversed), trained on soft targets with timm's "
+                                  "`SoftTargetCrossEntropy` (the `smooth` loss's 0.1 folded in); needs `loss` `ce` or "
+                                  "`smooth`, an even `bs` and a classifying head; validation is untouched; 0 turns it off",
+                             flag=True, metavar="A")
+    cutmix_alpha: float = key(0.0, "cutmix's Beta(alpha, alpha) on training batches; 0 turns it off; with mixup on "
+                                   "too, each mixed batch takes one of them", flag=True, metavar="A")
+    mixup_prob: float = key(1.0, "the share of training batches mixed at all (timm's `prob`)", within="[0, 1]")
+    mixup_switch_prob: float = key(0.5, "with mixup and cutmix on: the share of mixed batches that take cutmix "
+                                        "(timm's `switch_prob`)", within="[0, 1]")
+    ema_decay: float = key(0.0, "validate, score and save an exponential moving average of the weights (timm's "
+                                "`ModelEmaV3`: ema = D x ema + (1 - D) x weights after every step, BatchNorm statistics "
+                                "too, through every stage): the model validated, scored, saved and kept in "
+                                "`checkpoint.pth` for `--resume`; 0 turns it off",
+                           within="[0, 1)", flag=True, metavar="D")
+    auto_augment: str = key("none", "torchvision's `TrivialAugmentWide` (`trivialaugment`) or `RandAugment` "
+                                    "(`randaugment`, 2 ops at magnitude 9) on each training image after the crop and flip; "
+                                    "never on validation, test or scoring images; not with `head = \"localize\"`",
+                            choices=("none", "trivialaugment", "randaugment"), flag=True)
+    drop_path_rate: float = key(0.0, "stochastic depth of a timm backbone (`timm.create_model`'s `drop_path_rate`); "
+                                     "torchvision's ResNets have none and refuse it (timm's ports, such as "
+                                     "`resnet50.tv_in1k`, take it)",
+                                within="[0, 1)", flag=True, metavar="P")
+    stages: list = field(default_factory=list)
+
+
+RUN_KEYS = {f.name: f for f in dataclasses.fields(Recipe) if f.name not in ("name", "stages")}
+STAGE_KEYS = {f.name: f for f in dataclasses.fields(Stage)}
+CHOICES = {name: f.metadata["choices"] for name, f in {**RUN_KEYS, **STAGE_KEYS}.items() if f.metadata["choices"]}
+STAGE_FLAGS = {f.metadata["flag"]: name for name, f in STAGE_KEYS.items() if f.metadata["flag"]}  # sizes -> size
+RUN_FLAGS = tuple(name for name, f in RUN_KEYS.items() if f.metadata["flag"])
 
 
 def available():
@@ -111,61 +183,65 @@ def load(spec=None):
     return str(path), raw
 
 
-def _check(where, key, value, default):
-    if key in CHOICES and value not in CHOICES[key]:
-        raise UserError(f"{where}: {key} {value!r} is not one of {', '.join(CHOICES[key])}")
-    if default is None or isinstance(default, str):
+def _interval(within):
+    """"[0, 1)" -> (0.0, 1.0, closed below, closed above); "(0, inf)" -> (0.0, inf, False, False)."""
+    low_mark, low, high, high_mark = re.fullmatch(r"([\[(])([^,]+), *([^\])]+)([\])])", within).groups()
+    return float(low), float(high), low_mark == "[", high_mark == "]"
+
+
+def _interval_text(within):
+    low, high, closed_low, _ = _interval(within)
+    if math.isinf(high):
+        return f"at least {low:g}" if closed_low else f"above {low:g}"
+    return f"in {within}"
+
+
+def _check(where, name, value, declared):
+    """`value` for the key `declared` (a dataclass field), checked against its type, choices and interval."""
+    meta, kind = declared.metadata, declared.type
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{where}: {name} {value!r} is not one of {', '.join(meta['choices'])}")
+    if kind is str or kind is list:
         return value
-    if isinstance(default, bool):
+    if kind is bool:
         if not isinstance(value, bool):
-            raise UserError(f"{where}: {key} must be true or false, got {value!r}")
+            raise UserError(f"{where}: {name} must be true or false, got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"{where}: {key} must be a number, got {value!r}")
+        raise UserError(f"{where}: {name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise UserError(f"{where}: {key} must be a finite number, got {value!r}")
-    if isinstance(default, int) and value != int(value):
-        raise UserError(f"{where}: {key} must be a whole number, got {value!r}")
+        raise UserError(f"{where}: {name} must be a finite number, got {value!r}")
+    if kind is int and value != int(value):
+        raise UserError(f"{where}: {name} must be a whole number, got {value!r}")
     if value < 0:
-        raise UserError(f"{where}: {key} must not be negative, got {value!r}")
-    if not _in_range(key, value):
-        raise UserError(f"{where}: {key} must be {RANGES[key][2]}, got {value!r}")
-    return type(default)(value)
-
-
-def _in_range(key, value):
-    if key not in RANGES:
-        return True
-    low, high, _ = RANGES[key]
-    above = low is None or (value > low if key in OPEN_BELOW else value >= low)
-    below = high is None or (value < high if key in OPEN_ABOVE else value <= high)
-    return above and below
+        raise UserError(f"{where}: {name} must not be negative, got {value!r}")
+    if meta["within"]:
+        low, high, closed_low, closed_high = _interval(meta["within"])
+        if not ((value >= low if closed_low else value > low) and (value <= high if closed_high else value < high)):
+            raise UserError(f"{where}: {name} must be {_interval_text(meta['within'])}, got {value!r}")
+    return kind(value)
 
 
 def _fill(raw, where):
     """Defaults filled in and every value checked; stage keys at the top level are defaults for every stage."""
-    known = set(RUN_DEFAULTS) | set(STAGE_DEFAULTS) | {"name", "stages"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - set(RUN_KEYS) - set(STAGE_KEYS) - {"name", "stages"})
     if unknown:
-        raise UserError(f"{where}: unknown key {unknown[0]!r} (run-wide keys: {', '.join(RUN_DEFAULTS)}; "
-                        f"stage keys: {', '.join(STAGE_DEFAULTS)})")
+        raise UserError(f"{where}: unknown key {unknown[0]!r} (run-wide keys: {', '.join(RUN_KEYS)}; "
+                        f"stage keys: {', '.join(STAGE_KEYS)})")
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
         raise UserError(f"{where}: a recipe needs at least one [[stages]] table")
-    recipe = {"name": str(raw.get("name", "recipe"))}
-    for key, default in RUN_DEFAULTS.items():
-        recipe[key] = _check(where, key, raw.get(key, default), default)
-    shared = {k: raw[k] for k in STAGE_DEFAULTS if k in raw}
-    recipe["stages"] = []
+    shared = {k: raw[k] for k in STAGE_KEYS if k in raw}
+    filled = []
     for i, stage in enumerate(stages, 1):
-        bad = sorted(set(stage) - set(STAGE_DEFAULTS))
+        bad = sorted(set(stage) - set(STAGE_KEYS))
         if bad:
-            raise UserError(f"{where}: stage {i}: unknown key {bad[0]!r} (stage keys: {', '.join(STAGE_DEFAULTS)})")
-        merged = {**STAGE_DEFAULTS, **shared, **stage}
-        filled = {k: _check(f"{where}: stage {i}", k, merged[k], d) for k, d in STAGE_DEFAULTS.items()}
-        filled["name"] = str(filled["name"] or f"stage{i}")
-        recipe["stages"].append(filled)
-    return recipe
+            raise UserError(f"{where}: stage {i}: unknown key {bad[0]!r} (stage keys: {', '.join(STAGE_KEYS)})")
+        merged = {**shared, **stage}
+        values = {k: _check(f"{where}: stage {i}", k, merged.get(k, f.default), f) for k, f in STAGE_KEYS.items()}
+        filled.append(Stage(**{**values, "name": str(values["name"] or f"stage{i}")}))
+    run = {k: _check(where, k, raw.get(k, f.default), f) for k, f in RUN_KEYS.items()}
+    return dataclasses.asdict(Recipe(name=str(raw.get("name", Recipe.name)), **run, stages=filled))
 
 
 def _runs(values):
@@ -179,48 +255,93 @@ def _runs(values):
     return runs
 
 
-def _spread(flag, given, stages, key):
-    """A list flag's values onto the stages: one per stage, or one per run of stages sharing a value in the recipe
-    (so `--sizes 224,299` keeps its meaning for the three-stage recipe whose sizes are 224, 224, 299)."""
-    values = [s[key] for s in stages]
-    runs = _runs(values) if key != "epochs" else [[i] for i in range(len(stages))]  # epochs are always per stage
-    if len(given) == len(stages):
-        groups = [[i] for i in range(len(stages))]
-    elif len(given) == len(runs):
-        groups = runs
+def _groups(flag, stages, count):
+    """The stages each of a list flag's `count` values sets: one value per stage, or one per run of stages sharing
+    a value in the recipe (so `--sizes 224,299` keeps its meaning for the stages of sizes 224, 224, 299). Epochs are
+    always per stage."""
+    name = STAGE_FLAGS[flag]
+    runs = _runs([s[name] for s in stages]) if name != "epochs" else [[i] for i in range(len(stages))]
+    if count == len(stages):
+        return [[i] for i in range(len(stages))]
+    if count == len(runs):
+        return runs
+    raise UserError(f"--{flag} takes {len(stages)} comma-separated values (one per stage){_runs_text(runs, stages)}, "
+                    f"got {count}")
+
+
+def _runs_text(runs, stages):
+    shown = ", ".join(f"{r[0] + 1}-{r[-1] + 1}" if len(r) > 1 else f"{r[0] + 1}" for r in runs)
+    return f" or {len(runs)} (one per run of stages sharing a value: {shown})" if len(runs) != len(stages) else ""
+
+
+def _spread(flag, given, stages):
+    """A stage flag's values onto the stages (`_groups`); --wd's one value onto every stage."""
+    name = STAGE_FLAGS[flag]
+    if not isinstance(given, list):
+        given, groups = [given], [list(range(len(stages)))]
     else:
-        shown = ", ".join(f"{r[0] + 1}-{r[-1] + 1}" if len(r) > 1 else f"{r[0] + 1}" for r in runs)
-        runs_text = f" or {len(runs)} (one per run of stages sharing a value: {shown})" if len(runs) != len(stages) else ""
-        raise UserError(f"--{flag} takes {len(stages)} comma-separated values (one per stage){runs_text}, "
-                        f"got {len(given)}: {','.join(map(str, given))}")
+        try:
+            groups = _groups(flag, stages, len(given))
+        except UserError as err:
+            raise UserError(f"{err}: {','.join(map(str, given))}")
     for value, group in zip(given, groups):
-        value = _check(f"--{flag}", key, value, STAGE_DEFAULTS[key])  # the checks a recipe file's values get
+        value = _check(f"--{flag}", name, value, STAGE_KEYS[name])  # the checks a recipe file's values get
         for i in group:
-            stages[i][key] = value
+            stages[i][name] = value
+
+
+def _help(declared, default_text):
+    text = declared.metadata["doc"].replace("`", "")
+    return f"{text} (default: from the recipe{default_text})"
+
+
+def add_flags(parser, skip=()):
+    """The recipe's flags, generated from Recipe's and Stage's keys, in a group of their own: each overrides its key
+    in the recipe, and one left out gives nothing (None). --epochs, --sizes, --bs and --lr take one value per stage
+    or per run of stages sharing a value; --wd one value for every stage."""
+    group = parser.add_argument_group("recipe settings (each overrides the recipe's value; --recipe NAME --show "
+                                      "prints them resolved)")
+    for name in RUN_FLAGS:
+        declared = RUN_KEYS[name]
+        flag, meta = f"--{name.replace('_', '-')}", declared.metadata
+        if name in skip:
+            continue
+        if declared.type is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=_help(declared, f", {str(declared.default).lower()}"))
+        else:
+            group.add_argument(flag, type=declared.type, default=None, choices=meta["choices"] or None,
+                               metavar=meta["metavar"], help=_help(declared, f", {declared.default}"))
+    stages = load(DEFAULT)[1]["stages"]
+    for flag, name in STAGE_FLAGS.items():
+        if flag in skip:
+            continue
+        declared = STAGE_KEYS[name]
+        if flag == "wd":
+            group.add_argument("--wd", type=float, default=None, help=_help(declared, "") + "; one value for every stage")
+            continue
+        shown = ",".join(f"{s.get(name, declared.default):g}" for s in stages)
+        group.add_argument(f"--{flag}", type=int_list if declared.type is int else float_list, default=None,
+                           help=f"{declared.metadata['doc'].replace('`', '')}, per stage or per run of stages sharing "
+                                f"one (default: from the recipe; {DEFAULT}: {shown})")
 
 
 def overrides(args):
-    """{key: value} of the recipe settings the command line gives (flags left at None give nothing)."""
-    given = {k: getattr(args, k) for k in RUN_FLAGS if getattr(args, k, None) is not None}
-    given.update({f: getattr(args, f) for f in LIST_FLAGS if isinstance(getattr(args, f, None), list)})
-    if getattr(args, "wd", None) is not None:
-        given["wd"] = args.wd
-    return given
+    """{key or stage flag: value} of the recipe settings the command line gives (flags left at None give nothing)."""
+    names = [*RUN_FLAGS, *STAGE_FLAGS]
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
 def resolve(raw, given=None, where="recipe"):
     """The fully resolved recipe: `raw` with defaults, then the overrides `given` (from `overrides`), checked."""
     recipe = _fill(copy.deepcopy(raw), where)
-    for key, value in (given or {}).items():
-        if key in RUN_DEFAULTS:
-            recipe[key] = _check(f"--{key.replace('_', '-')}", key, value, RUN_DEFAULTS[key])
-            if key == "head":
+    for name, value in (given or {}).items():
+        if name in RUN_KEYS:
+            recipe[name] = _check(f"--{name.replace('_', '-')}", name, value, RUN_KEYS[name])
+            if name == "head":
                 _check_head(value, "--head")
-        elif key == "wd":
-            for stage in recipe["stages"]:
-                stage["wd"] = _check("--wd", "wd", value, 0.0)
         else:
-            _spread(key, value, recipe["stages"], LIST_FLAGS[key])
+            _spread(name, value, recipe["stages"])
     return check(recipe, where)
 
 
@@ -290,24 +411,24 @@ def final_size(recipe):
 def differences(run_recipe, source, run_given, given):
     """For --resume: the first command-line setting that differs from the run's recipe, as one line; else None.
     Each flag is applied as the run's own were, to the recipe file the run started from (`source`)."""
-    for key, value in given.items():
-        alone = resolve(source, {**run_given, key: value}, "the command line")
+    for name, value in given.items():
+        alone = resolve(source, {**run_given, name: value}, "the command line")
         if alone != run_recipe:
-            if key in LIST_FLAGS or key == "wd":
-                field = LIST_FLAGS.get(key, "wd")
-                was = ",".join(f"{s[field]:g}" for s in run_recipe["stages"])
-                now = ",".join(f"{s[field]:g}" for s in alone["stages"])
+            if name in STAGE_FLAGS:
+                key_name = STAGE_FLAGS[name]
+                was = ",".join(f"{s[key_name]:g}" for s in run_recipe["stages"])
+                now = ",".join(f"{s[key_name]:g}" for s in alone["stages"])
             else:
-                was, now = run_recipe[key], alone[key]
-            return f"--{key.replace('_', '-')} {now} differs from the run's {was}"
+                was, now = run_recipe[name], alone[name]
+            return f"--{name.replace('_', '-')} {now} differs from the run's {was}"
     return None
 
 
 def describe(recipe):
-    """The resolved recipe as a table a person can check against its write-up."""
+    """The resolved recipe as a table a person can check against its write-up, and how the stage flags share out."""
     lines = [f"recipe {recipe['name']}"]
-    width = max(map(len, RUN_DEFAULTS))
-    lines += [f"  {k:<{width}} {recipe[k]}" for k in RUN_DEFAULTS]
+    width = max(map(len, RUN_KEYS))
+    lines += [f"  {k:<{width}} {recipe[k]}" for k in RUN_KEYS]
     cols = ["name", "epochs", "size", "bs", "lr", "trained_lr", "lr_div", "opt", "mom", "wd", "schedule", "train", "blocks",
             "patience"]
     rows = [[str(c) for c in cols]]
@@ -326,4 +447,33 @@ def describe(recipe):
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines.append("stages:" + ("  (stages with 0 epochs are skipped)" if any(s["epochs"] == 0 for s in recipe["stages"]) else ""))
     lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append("stage flags: " + "; ".join(_flag_rule(flag, recipe["stages"]) for flag in STAGE_FLAGS if flag != "wd")
+                 + "; --wd takes one value for every stage")
     return "\n".join(lines)
+
+
+def _flag_rule(flag, stages):
+    """How many values --flag takes for these stages: "--sizes 3 values (one per stage) or 2 (stages 1-2, 3)"."""
+    name = STAGE_FLAGS[flag]
+    runs = _runs([s[name] for s in stages]) if name != "epochs" else [[i] for i in range(len(stages))]
+    return f"--{flag} {len(stages)} value{'s' if len(stages) > 1 else ''}{_runs_text(runs, stages)}"
+
+
+def key_tables():
+    """recipes/README.md's tables of keys, from Recipe and Stage (a test keeps the README equal to them)."""
+    def table(keys):
+        rows = ["| key | default | what it does |", "| --- | --- | --- |"]
+        for name, declared in keys.items():
+            default = json.dumps(declared.default) if declared.default is not None else "-"
+            choices = f" (one of: {', '.join(f'`{c}`' for c in declared.metadata['choices'])})" if declared.metadata["choices"] else ""
+            within = f" (in {declared.metadata['within']})" if declared.metadata["within"] else ""
+            flag = declared.metadata["flag"]
+            spelled = name.replace("_", "-") if flag is True else flag
+            flag = (f"; flags `--{spelled}`, `--no-{spelled}`" if declared.type is bool else f"; flag `--{spelled}`") if flag else ""
+            rows.append(f"| `{name}` | `{default}` | {declared.metadata['doc']}{choices}{within}{flag} |")
+        return "\n".join(rows)
+    return f"## Run-wide keys\n\n{table(RUN_KEYS)}\n\n## Stage keys\n\n{table(STAGE_KEYS)}\n"
+
+
+if __name__ == "__main__":  # python -m finegrained.recipe: the tables recipes/README.md holds
+    print(key_tables())

@@ -36,19 +36,9 @@ def parse_args(argv=None, description=__doc__):
                                                 f"(default: {DEFAULT_DATA}; with --resume, the run's)")
     cli.add_recipe(p)
     p.add_argument("--show", action="store_true", help="print the recipe, resolved with the flags given, and exit")
-    cli.add_model_choice(p)
-    p.add_argument("--epochs", type=cli.int_list, default=None,
-                   help="epochs per stage; for the default recipe: frozen, unfrozen, resized (20,40,40)")
-    p.add_argument("--sizes", type=cli.int_list, default=None,
-                   help="image size per stage, or per run of stages sharing a size (default recipe: 224,299)")
-    p.add_argument("--bs", type=cli.int_list, default=None,
-                   help="batch size per stage, or per run of stages sharing one (default recipe: 32,16)")
-    p.add_argument("--lr", type=cli.float_list, default=None,
-                   help="max learning rate of the head per stage, or per run of stages sharing one "
-                        "(default recipe: 1e-2,3e-3, frozen then unfrozen); earlier groups get it / lr_div")
-    p.add_argument("--wd", type=float, default=None, help="weight decay of every stage (default: from the recipe)")
-    cli.add_common_training(p)
-    cli.add_regularization(p)
+    recipes.add_flags(p)
+    cli.add_weights(p)
+    cli.add_workers(p)
     p.add_argument("--out", default=None, help="folder for the model, checkpoints, history and metrics (default: "
                                                "runs/<recipe>-<arch>-<dataset>, numbered -2, -3, ... when taken)")
     p.add_argument("--resume", action="store_true",
@@ -95,7 +85,7 @@ def resolve(args):
             config = json.loads(config_path.read_text())
             source, run_given = config["source"], config["overrides"]
             run_recipe = recipes.resolve(source, run_given, str(config_path))
-            run_data = config["run"]["data"]
+            config["run"]["data"]  # a run configuration names its data folder (a KeyError otherwise)
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{config_path}: not a run configuration ({type(err).__name__}: {err})")
         if args.recipe is not None and not same_recipe(recipes.load(args.recipe)[1], run_given, run_recipe):
@@ -228,14 +218,12 @@ def model_meta(recipe, learn, train_df):
 def sanity_checks(args, recipe, train_df, first):
     """run.py --sanity: the Cars localization write-up's checks on this data and model, printed with their numbers; exit 1 on a failure."""
     from finegrained import sanity
-    from finegrained.data import dls_args, get_dls
-    from finegrained.models import create_learner, learner_args
+    from finegrained.models import build_learner
     from finegrained.train import show_bars
 
     def make_learner(df, size, bs):  # every row trains, each as often: no validation split, no balancing, no boxes
-        dls = get_dls(df, size, bs, **{**dls_args(recipe), "valid_pct": 0.0, "balance": False, "head": "concat"},
-                      workers=args.workers)
-        learn = create_learner(dls, weights=args.weights, **learner_args(recipe, vars(first), boxes=False))
+        learn = build_learner(recipe, df, vars(first), size, bs, args.workers, args.weights, boxes=False,
+                              valid_pct=0.0, balance=False)
         show_bars(learn, sys.stdout.isatty())
         return learn
     results = sanity.run_checks(make_learner, train_df, size=first.size, bs=min(first.bs, 10), lr=first.lr,
@@ -324,10 +312,10 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, device, 
     checkpoint removed when it ended) is scored again from its model.safetensors."""
     from finegrained import devices, distributed
     from fastai.torch_core import set_seed
-    from finegrained.data import check_settings, dls_args, get_dls
+    from finegrained.data import check_settings, dls_args
     from finegrained.images import default_workers
     from finegrained.prepare.tables import check_table_images, read_table
-    from finegrained.models import create_learner, learner_args, save_trained
+    from finegrained.models import build_learner, recipe_dls, save_trained
     from finegrained.train import Stage, epochs_left, run_stages
     from finegrained.plots import BATCH_PNG, batch_grid
 
@@ -350,15 +338,16 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, device, 
     workers = args.workers if args.workers is not None else max(1, default_workers() // distributed.local_world_size())
 
     def make_dls(size, bs):
-        dls = get_dls(train_df, size, distributed.per_process_bs(bs, world), **dls_args(recipe), workers=workers)
+        dls = recipe_dls(recipe, train_df, size, distributed.per_process_bs(bs, world), workers)
         distributed.seed_per_rank(recipe["seed"])  # each process its own augmentations
         return dls
 
     first = next(s for s in stages if s.epochs)
     if args.sanity:
         return sanity_checks(args, recipe, train_df, first)
-    learn = create_learner(make_dls(first.size, first.bs), weights=args.weights, path=out,
-                           **learner_args(recipe, vars(first)))
+    learn = build_learner(recipe, train_df, vars(first), bs=distributed.per_process_bs(first.bs, world), workers=workers,
+                          weights=args.weights, path=out)
+    distributed.seed_per_rank(recipe["seed"])
     where, precision = devices.prepare(learn, device)
     if device == "cpu":
         why = "--device cpu" if args.device == "cpu" else f"no usable GPU: {devices.cuda_problem()}"

@@ -27,7 +27,7 @@ from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import AvgLoss
 from fastcore.foundation import L
 
-from finegrained import distributed
+from finegrained import distributed, recipe
 from finegrained.errors import RunFailed, UserError
 from finegrained.files import atomic, write_json
 from finegrained.models import body_blocks, make_opt, reinit_last_blocks
@@ -43,35 +43,15 @@ HISTORY_COLUMNS = ["stage", "epoch", "size", "bs", "opt", "lrs", "lrs_end", "tra
 
 
 @dataclass
-class Stage:
-    """One fit of a recipe (recipes/README.md explains each field)."""
-    name: str
-    epochs: int
-    size: int
-    bs: int
-    lr: float               # max learning rate of the head; each earlier parameter group gets lr / lr_div more
-    lr_div: float = 1.0
-    opt: str = "adam"
-    mom: float = 0.9
-    wd: float = 0.0
-    schedule: str = "one_cycle"
-    step_every: int = 1
-    step_gamma: float = 0.1
-    train: str = "all"      # frozen | all | reinit
-    blocks: int = 0
-    patience: int = 0
-    pct_start: float = 0.25  # one_cycle's shape: the peak's place, the start at lr / div, the end at lr / div_final
-    div: float = 25.0
-    div_final: float = 1e5
-    sqr_mom: float = 0.99    # adam's beta2 and eps
-    eps: float = 1e-5
-    warmup_pct: float = 0.0  # cosine: the share of the stage the rate rises linearly from 0 first (regularize.py)
-    lr_rule: str = "none"    # a run-wide setting: "linear" trains at lr x bs / 256
+class Stage(recipe.Stage):
+    """One fit of a recipe: a resolved recipe's stage (recipe.Stage declares each key), with the run-wide lr_rule it
+    trains under: `Stage(**stage, lr_rule=recipe["lr_rule"])`."""
+    lr_rule: str = recipe.Recipe.lr_rule
 
     @property
     def peak_lr(self):
         """The head's peak learning rate this stage trains at (recipe.trained_lr)."""
-        return self.lr * self.bs / 256 if self.lr_rule == "linear" else self.lr
+        return recipe.trained_lr(vars(self), self.lr_rule)
 
     @property
     def optimizer(self):

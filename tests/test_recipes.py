@@ -5,6 +5,7 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -208,3 +209,12 @@ def test_nothing_to_resume_names_what_is_missing(tmp_path):
         run.main(["--out", str(tmp_path / "run"), "--resume"])
     with pytest.raises(UserError, match=r"nothing to resume \(no config\.json and no checkpoint\.pth"):
         run.main(["--out", str(tmp_path / "empty"), "--resume"])
+
+
+def test_recipes_readme_tables_are_the_declared_keys():
+    """recipes/README.md's key tables are generated from recipe.Recipe and recipe.Stage, the one place a key is
+    declared: a key added, renamed or re-documented there without regenerating the README fails here."""
+    readme = (Path(__file__).resolve().parent.parent / "recipes" / "README.md").read_text()
+    assert recipes.key_tables() in readme
+    for name in [*recipes.RUN_KEYS, *recipes.STAGE_KEYS]:
+        assert f"| `{name}` |" in readme

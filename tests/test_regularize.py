@@ -21,7 +21,7 @@ from finegrained.models import build_model, create_learner, learner_args
 
 def resolved(**keys):
     """A one-stage recipe with `keys` (run-wide or stage keys), resolved as run.py resolves one."""
-    stage = {k: keys.pop(k) for k in list(keys) if k in recipes.STAGE_DEFAULTS}
+    stage = {k: keys.pop(k) for k in list(keys) if k in recipes.STAGE_KEYS}
     raw = {"arch": "resnet18", "pretrained": False, **keys, "stages": [{"epochs": 1, "size": 32, "bs": 8, **stage}]}
     return recipes.resolve(raw)
 

@@ -153,7 +153,7 @@ def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
     import lr_find
     from finegrained.recipe import trained_lr
     lr_find.main(["--data", str(prepared), "--arch", "resnet18", "--no-pretrained", "--stage", "unfrozen",
-                  "--size", "32", "--bs", "8", "--num-it", "30", "--workers", "0", "--out", str(tmp_path)])
+                  "--sizes", "32,40", "--bs", "8,8", "--num-it", "30", "--workers", "0", "--out", str(tmp_path)])
     import numpy as np
     suggestions = json.loads((tmp_path / "lr_find_unfrozen.json").read_text())
     assert set(suggestions) == {"minimum", "steep", "valley", "slide", "curve", "used", "stage", "run"}
@@ -172,6 +172,7 @@ def test_lr_find_plots_and_prints_suggestions(prepared, tmp_path, capsys):
     assert use == suggestions["run"]
     recipe, data = resolved_by_run_py(use)   # run.py takes the printed line as it is
     assert data == prepared and recipe["arch"] == "resnet18" and recipe["pretrained"] is False
+    assert [(s["size"], s["bs"]) for s in recipe["stages"]] == [(32, 8), (32, 8), (40, 8)]  # --sizes, --bs as run.py's
     # the unfrozen stages (2 and 3 share their lr in the recipe) train at the suggestion; the frozen one as before
     assert [trained_lr(s) for s in recipe["stages"]] == pytest.approx([1e-2, valley, valley], rel=5e-3)
 
