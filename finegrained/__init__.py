@@ -7,6 +7,7 @@ other (import-linter checks this from pyproject.toml: `make lint`, part of `make
   runner | holdout                              run.py's and test.py's command lines and what they do
   sanity | report | explain | trackers          checks and views of a run
   | regularize | onnx_model                     mixup/cutmix and the EMA as fastai callbacks; an exported file run by onnxruntime
+  evaluate                                      a model's scores, one way: top-k, confusion and per class, the box metrics
   train                                         the stages, on fastai's Learner
   distributed | plots | train_progress          data-parallel plumbing; the training curves; progress while training
   devices                                       --device: CUDA or the CPU, the precision, the CPU-time estimate

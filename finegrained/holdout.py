@@ -33,6 +33,7 @@ import pandas as pd
 
 from finegrained import cli
 from finegrained.errors import UserError
+from finegrained.evaluate import confusion, model_scores, ranked
 from finegrained.files import save_png, write_csv
 from finegrained.images import BOX_COLUMNS, BOX_MARGIN, IMAGE_SUFFIXES
 from finegrained.report import per_class_table   # shared with run.py's report
@@ -352,15 +353,13 @@ def devkit_boxes(boxes, df, folder, meta):
     return predicted_devkit(boxes, paths, int(meta["image_size"]), fastai_resize(meta.get("resize", "crop")))
 
 
-def print_box_scores(pred, df, what):
-    """Print the mean IoU of `pred` (devkit boxes) with the CSV's boxes, when it has some."""
-    from finegrained.boxes import box_scores
-    found = box_scores(pred, df)
-    if found:
-        where = "" if found["box_images"] == len(df) else f" (the {found['box_images']} of {len(df)} images with a box)"
-        print(f"{what}mean IoU: {found['mean_iou']:.4f}{where}")
-        print(f"{what}IoU >= 0.5: {found['iou50']:.4f}")
-    return found
+def print_box_scores(scores, what):
+    """Print the mean IoU of the predicted boxes with the CSV's, when it has some (`scores`: report's)."""
+    if "mean_iou" in scores:
+        where = "" if scores["box_images"] == scores["images"] else \
+            f" (the {scores['box_images']} of {scores['images']} images with a box)"
+        print(f"{what}mean IoU: {scores['mean_iou']:.4f}{where}")
+        print(f"{what}IoU >= 0.5: {scores['iou50']:.4f}")
 
 
 def draw_boxes(df, folder, pred, n, path, title):
@@ -397,20 +396,14 @@ def draw_boxes(df, folder, pred, n, path, title):
     plt.close(fig)
 
 
-def confusion_matrix(true, pred, n):
-    """n x n counts: row = true class, column = predicted class (model output indices 0..n-1)."""
-    true, pred = np.asarray(true, dtype=np.int64), np.asarray(pred, dtype=np.int64)
-    return np.bincount(true * n + pred, minlength=n * n).reshape(n, n)
-
-
 def confusion_png(true, pred, classes, path, most=20):
-    """The confusion matrix (rows: true class, columns: predicted; see confusion_matrix) over the `most`
+    """The confusion matrix (rows: true class, columns: predicted; evaluate.confusion) over the `most`
     classes involved in the most errors, labelled, as a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(classes)
-    matrix = confusion_matrix(true, pred, n)
+    matrix = confusion(true, pred, n)
     errors = matrix.sum(0) + matrix.sum(1) - 2 * np.diag(matrix)
     keep = np.sort(np.argsort(-errors, kind="stable")[: min(most, n)])
     sub = matrix[np.ix_(keep, keep)]
@@ -433,10 +426,11 @@ def confusion_png(true, pred, classes, path, most=20):
 
 
 def report(df, probs, classes, true, out, boxes=None):
-    """Write the predictions (and, with labels, per-class accuracy and the confusion PNG); print the scores.
+    """Write the predictions (and, with labels, per-class accuracy and the confusion PNG); print the scores; return
+    them (evaluate.model_scores: top1, top5 with labels, images, and the box metrics against the CSV's boxes).
     `boxes`: devkit boxes predicted for each row, written as pred_x1..pred_y2."""
-    k = min(5, probs.shape[1])
-    conf, top = probs.topk(k, dim=1)
+    scores = model_scores(probs, true, boxes, df)
+    conf, top = ranked(probs)
     top = top.numpy()
     ids = np.array([int(c["id"]) for c in classes])
     names = np.array([str(c["name"]) for c in classes])
@@ -457,27 +451,26 @@ def report(df, probs, classes, true, out, boxes=None):
         for _, r in (preds if len(preds) <= HANDFUL else preds.iloc[:0]).iterrows():
             print(f"{r['filename']}: {r['pred_id']} {r['pred_name']} ({r['confidence']:.3f})")
         print(f"predictions: {out}")
-        return None
-    top1 = float((top[:, 0] == true).mean())
-    top5 = float((top == true[:, None]).any(1).mean())
-    print(f"accuracy: {top1:.4f}")
-    print(f"top-5 accuracy: {top5:.4f}")
+        return scores
+    print(f"accuracy: {scores['top1']:.4f}")
+    print(f"top-5 accuracy: {scores['top5']:.4f}")
     stem = Path(out).with_suffix("")
     write_csv(per_class_table(true, top[:, 0], classes), f"{stem}_per_class.csv")
     confusion_png(true, top[:, 0], classes, f"{stem}_confusion.png")
-    wrong = preds[~preds["correct"]]
+    wrong = preds[~preds["correct"]]   # by hand: no library lists a confusion's largest pairs, named as printed
     pairs = wrong.groupby(["true_name", "pred_name"]).size().sort_values(ascending=False).head(5)
     if len(pairs):
         print("most confused (true -> predicted: images):")
         for (t, p), n in pairs.items():
             print(f"  {t} -> {p}: {n}")
     print(f"predictions: {out}; per class: {stem}_per_class.csv; confusion: {stem}_confusion.png")
-    return top1
+    return scores
 
 
-def explain_and_report(args, model, meta, df, folder, probs, true, out, boxes_caption=None):
-    """<out>_heatmaps.png and <out>_top_losses.png (with labels), then <out>_report.html of this scoring, with the
-    model's training curves when its run folder has them, and <out>_boxes.png (already drawn) under `boxes_caption`."""
+def explain_and_report(args, model, meta, df, folder, probs, true, out, scores, boxes_caption=None):
+    """<out>_heatmaps.png and <out>_top_losses.png (with labels), then <out>_report.html of this scoring (`scores`:
+    report's), with the model's training curves when its run folder has them, and <out>_boxes.png (already drawn)
+    under `boxes_caption`."""
     import torch
     from finegrained import explain
     from finegrained.data import inference_dl
@@ -507,11 +500,9 @@ def explain_and_report(args, model, meta, df, folder, probs, true, out, boxes_ca
         explain.write_top_losses(load_images, probs, true, labels, args.top_losses, f"{stem}_top_losses.png", stats,
                                  files=list(df["filename"]))
         print(f"top losses: {stem}_top_losses.png")
-    metrics = {"model": str(args.model), "images": len(df)}
-    if true is not None:
-        top = probs.topk(min(5, probs.shape[1]), 1).indices.numpy()
-        metrics.update(accuracy=round(float((top[:, 0] == true).mean()), 4),
-                       top5_accuracy=round(float((top == true[:, None]).any(1).mean()), 4))
+    metrics = {"model": str(args.model), "images": scores["images"]}
+    if "top1" in scores:   # the names test.py's report has always shown
+        metrics.update(accuracy=round(scores["top1"], 4), top5_accuracy=round(scores["top5"], 4))
     write_report(f"{stem}_report.html", f"Scoring {args.model} on {args.csv or args.folder}", report_sections(
         metrics=metrics, recipe={k: meta[k] for k in ("recipe", "arch", "head", "image_size") if k in meta},
         curves=Path(args.model) / "training_curves.png",
@@ -593,9 +584,9 @@ def main(argv=None):
         if meta.get("crop_bbox") and all(c in df.columns for c in BOX_COLUMNS):
             print(f"boxes: the CSV's {true_boxes}, grown by {margin:.0%} on every side")
         probs = predict(model, meta, df, folder, args.bs, args.tta, args.workers)
-    report(df, probs, meta["classes"], true, out, boxes)
+    scores = report(df, probs, meta["classes"], true, out, boxes)
     if boxes is not None:
-        print_box_scores(boxes, df, "localizer " if loc else "")
+        print_box_scores(scores, "localizer " if loc else "")
         print(f"predicted boxes: {out} (pred_x1..pred_y2, original pixels, 1-based)")
     caption = None
     if args.draw_boxes:
@@ -606,7 +597,7 @@ def main(argv=None):
         draw_boxes(df, folder, boxes, args.draw_boxes, f"{stem}_boxes.png",
                    f"{'localizer ' + str(args.localizer) if loc else args.model}: {caption}")
         print(f"boxes drawn: {stem}_boxes.png")
-    explain_and_report(args, model, meta, crops, folder, probs, true, out, caption)
+    explain_and_report(args, model, meta, crops, folder, probs, true, out, scores, caption)
     if bad:
         print(f"skipped {len(bad)} unreadable or missing image(s)", file=sys.stderr)
     if true is None:  # last, where it is seen: nothing was scored

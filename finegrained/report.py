@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from finegrained.errors import UserError
+from finegrained.evaluate import per_class_counts
 from finegrained.files import write_text
 from finegrained.recipe import trained_lr
 
@@ -61,16 +62,13 @@ def collapsible(table, summary):
 def per_class_table(true, pred, classes):
     """One row per true class present: class_id, class_name, images (of that true class), correct, accuracy;
     worst first (ties by class id). `true`, `pred`: model output indices; `classes`: [{"id", "name"}] in that order
-    (model.json's). test.py writes it as <out>_per_class.csv; run.py puts the test set's into its report."""
-    ids = np.array([int(c["id"]) for c in classes])
-    names = np.array([str(c["name"]) for c in classes])
-    true, pred = np.asarray(true), np.asarray(pred)
-    rows = pd.DataFrame({"index": true, "correct": true == pred})
-    table = rows.groupby("index")["correct"].agg(images="count", correct="sum").reset_index()
-    table.insert(0, "class_id", ids[table["index"]])
-    table.insert(1, "class_name", names[table["index"]])
+    (model.json's); the counts are evaluate.per_class_counts'. test.py writes it as <out>_per_class.csv; run.py puts
+    the test set's into its report."""
+    images, correct = per_class_counts(true, pred, len(classes))
+    table = pd.DataFrame({"class_id": [int(c["id"]) for c in classes], "class_name": [str(c["name"]) for c in classes],
+                          "images": images, "correct": correct})[images > 0]
     table["accuracy"] = (table["correct"] / table["images"]).round(4)
-    return table.drop(columns="index").sort_values(["accuracy", "class_id"], ignore_index=True)
+    return table.sort_values(["accuracy", "class_id"], ignore_index=True)
 
 
 def class_table(classes, train_ids, test_ids=None):

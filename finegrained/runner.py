@@ -170,33 +170,30 @@ def resumed_data(config, config_path, given):
 
 
 def score(learn, test_df):
-    """(metrics, (true, predicted)): top-1 and top-5 accuracy over every row of the test CSV, once each, without
-    augmentation, and each row's true and top-1 class (model output indices) for the per-class table. For a localize
-    model also the mean IoU of its boxes and the share with IoU >= 0.5, on the original images' pixels as test.py
-    reports them, over the rows that have a box."""
+    """(metrics, (true, predicted)): evaluate.model_scores of every row of the test CSV, once each, without
+    augmentation (test_top1, test_top5, test_images), and each row's true and predicted class (model output indices)
+    for the per-class table. For a localize model also the mean IoU of its boxes and the share with IoU >= 0.5, on
+    the original images' pixels as test.py reports them, over the rows that have a box."""
     import torch
-    from finegrained.boxes import LocalizeLoss, box_scores, predicted_devkit
+    from finegrained.boxes import LocalizeLoss, predicted_devkit
     from finegrained.data import dls_frame, eval_dl
-
-    def top_k_scores(probs, targets):
-        top5 = probs.topk(min(5, probs.shape[1]), dim=1).indices
-        return {"test_top1": float((top5[:, 0] == targets).float().mean()),
-                "test_top5": float((top5 == targets[:, None]).any(1).float().mean()), "test_images": len(targets)}
+    from finegrained.evaluate import model_scores, predicted
 
     vocab = list(learn.dls.vocab)
     unknown = test_df.index[~test_df["class_id"].isin(vocab)]
     if len(unknown):
         raise UserError(f"test.csv, row {unknown[0] + 1}: class_id {test_df['class_id'][unknown[0]]} never occurs in train.csv")
     if not isinstance(learn.loss_func, LocalizeLoss):
-        preds, targets = learn.get_preds(dl=eval_dl(learn.dls, test_df))
-        return top_k_scores(preds, targets), (targets.numpy(), preds.argmax(1).numpy())
-    # images only: the classes come from the table, and a row without a box is still scored for its class
-    dl = learn.dls.test_dl(test_df, bs=learn.dls.bs, shuffle=False, drop_last=False)
-    (probs, boxes), _ = learn.get_preds(dl=dl)
-    targets = torch.tensor([vocab.index(c) for c in test_df["class_id"]])
-    paths = [Path(test_df.attrs["folder"]) / f for f in test_df["filename"]]
-    found = box_scores(predicted_devkit(boxes, paths, *dls_frame(learn.dls)), test_df, prefix="test_")
-    return {**top_k_scores(probs, targets), **found}, (targets.numpy(), probs.argmax(1).numpy())
+        probs, targets = learn.get_preds(dl=eval_dl(learn.dls, test_df))
+        metrics = model_scores(probs, targets, prefix="test_")
+    else:
+        # images only: the classes come from the table, and a row without a box is still scored for its class
+        dl = learn.dls.test_dl(test_df, bs=learn.dls.bs, shuffle=False, drop_last=False)
+        (probs, boxes), _ = learn.get_preds(dl=dl)
+        targets = torch.tensor([vocab.index(c) for c in test_df["class_id"]])
+        paths = [Path(test_df.attrs["folder"]) / f for f in test_df["filename"]]
+        metrics = model_scores(probs, targets, predicted_devkit(boxes, paths, *dls_frame(learn.dls)), test_df, prefix="test_")
+    return metrics, (targets.numpy(), predicted(probs))
 
 
 def model_meta(recipe, learn, train_df):

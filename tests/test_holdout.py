@@ -18,7 +18,8 @@ from PIL import Image
 from finegrained.errors import UserError
 from conftest import PickleBomb, holdout_accuracy as score, run_script
 
-from finegrained import holdout
+from finegrained import evaluate, holdout
+from finegrained.report import per_class_table
 
 
 def test_printed_accuracy_is_the_predictions_csv(trained, prepared, tmp_path, capsys):
@@ -216,8 +217,8 @@ PER_CLASS = [(3, "Alfa", 4, 1, 0.25), (10, "Charlie", 3, 2, 0.6667), (7, "Bravo"
 
 def test_confusion_matrix_and_per_class_table_are_about_the_true_class():
     classes = [{"id": i, "name": n} for i, n in SPARSE]
-    assert holdout.confusion_matrix(TRUE, PRED, 4).tolist() == CONFUSION
-    table = holdout.per_class_table(TRUE, PRED, classes)
+    assert evaluate.confusion(TRUE, PRED, 4).tolist() == CONFUSION
+    table = per_class_table(TRUE, PRED, classes)
     assert list(table.columns) == ["class_id", "class_name", "images", "correct", "accuracy"]
     assert list(table.itertuples(index=False, name=None)) == PER_CLASS
 
@@ -241,8 +242,8 @@ def test_written_per_class_csv_and_confusion_png_hold_the_hand_counts(tmp_path, 
     probs = torch.full((len(TRUE), 4), 0.1)
     probs[torch.arange(len(TRUE)), torch.tensor(PRED)] = 0.7
     df = pd.DataFrame({"filename": [f"{i}.png" for i in range(len(TRUE))]})
-    acc = holdout.report(df, probs, classes, np.array(TRUE), tmp_path / "p.csv")
-    assert acc == 6 / 10
+    scores = holdout.report(df, probs, classes, np.array(TRUE), tmp_path / "p.csv")
+    assert (scores["top1"], scores["images"]) == (6 / 10, 10)
     assert "Alfa -> Bravo: 3" in capsys.readouterr().out  # the most confused pair, true -> predicted
     written = pd.read_csv(tmp_path / "p_per_class.csv")
     assert list(written.itertuples(index=False, name=None)) == PER_CLASS
