@@ -68,7 +68,8 @@ def measured(args):
         meta = json.loads((Path(args.model) / "model.json").read_text())
         recipe.update(arch=meta.get("arch", recipe["arch"]), head=meta.get("head", recipe["head"]))
         if recipe["head"] == "bilinear":
-            recipe["bilinear_dim"] = (meta.get("head_options") or {}).get("reduce_ch") or 0
+            from finegrained.models import saved_head_options
+            recipe["bilinear_dim"] = saved_head_options(meta, Path(args.model) / "model.json").get("bilinear_dim") or 0
         given.update(arch=recipe["arch"], head=recipe["head"], **({"bilinear_dim": recipe["bilinear_dim"]}
                                                                   if recipe["head"] == "bilinear" else {}))
     want = "frozen" if args.stage == "frozen" else "all"

@@ -26,23 +26,23 @@ FASTAI_HEADS = {  # heads that are fastai's add_head with these arguments
     "linear": dict(concat_pool=False, lin_ftrs=[], first_bn=False, ps=0.0),
 }
 HEADS = (*FASTAI_HEADS, "bilinear", "localize")
-OPTIONS = {**{k: {} for k in FASTAI_HEADS}, "bilinear": {"reduce_ch": 512, "dropout": 0.5},
+OPTIONS = {**{k: {} for k in FASTAI_HEADS}, "bilinear": {"bilinear_dim": 512, "dropout": 0.5},
            "localize": {"box_dropout": 0.1, "box_grid": 4}}
 BOX_PRIOR = (-0.5, -0.5, 0.5, 0.5)  # what an untrained box head predicts: the centred box of half the width and height
 BOX_CHANNELS, BOX_HIDDEN = 128, 256
 
 
 class BilinearPool(nn.Module):
-    """(B, C, H, W) feature map -> (B, D*D) bilinear features with unit L2 norm, D = reduce_ch or C.
+    """(B, C, H, W) feature map -> (B, D*D) bilinear features with unit L2 norm, D = bilinear_dim or C.
 
     Written by hand: neither fastai, timm nor torchvision has second-order (bilinear) pooling.
     The 1x1 reduction is fastai's ConvLayer (conv, BatchNorm, ReLU); without it D = C, and the
     classifier after it has C*C inputs (4.2 M for a 2048-channel ResNet50)."""
 
-    def __init__(self, in_ch, reduce_ch=512, eps=1e-5):
+    def __init__(self, in_ch, bilinear_dim=512, eps=1e-5):
         super().__init__()
-        self.reduce = ConvLayer(in_ch, reduce_ch, ks=1) if reduce_ch else nn.Identity()
-        self.channels = reduce_ch or in_ch
+        self.reduce = ConvLayer(in_ch, bilinear_dim, ks=1) if bilinear_dim else nn.Identity()
+        self.channels = bilinear_dim or in_ch
         self.out_features, self.eps = self.channels ** 2, eps
 
     def forward(self, x):
@@ -56,9 +56,9 @@ class BilinearPool(nn.Module):
             return F.normalize(y, dim=1)
 
 
-def bilinear_head(n_features, n_out, reduce_ch=512, dropout=0.5):
+def bilinear_head(n_features, n_out, bilinear_dim=512, dropout=0.5):
     """BilinearPool, dropout, linear classifier: model[1] of a bilinear model (model[1][0] is the pool)."""
-    pool = BilinearPool(n_features, reduce_ch)
+    pool = BilinearPool(n_features, bilinear_dim)
     return nn.Sequential(pool, nn.Dropout(dropout), nn.Linear(pool.out_features, n_out))
 
 
@@ -137,11 +137,12 @@ def make_head(kind, body, n_out, **options):
         return add_head(body, nf, n_out, pool=pool, **FASTAI_HEADS[kind])
     _check_feature_map(kind, body)
     if kind == "bilinear":
-        if opts["reduce_ch"] is not None and int(opts["reduce_ch"]) < 1:
-            raise UserError(f"the bilinear reduction needs a positive number of channels (or none), got {opts['reduce_ch']}")
+        if opts["bilinear_dim"] is not None and int(opts["bilinear_dim"]) < 1:
+            raise UserError(f"bilinear_dim: the 1x1 reduction needs a positive number of channels (or none), "
+                            f"got {opts['bilinear_dim']}")
         if not 0 <= opts["dropout"] < 1:
             raise UserError(f"dropout must be in [0, 1), got {opts['dropout']}")
-        head = bilinear_head(nf, n_out, opts["reduce_ch"], opts["dropout"])
+        head = bilinear_head(nf, n_out, opts["bilinear_dim"], opts["dropout"])
     else:
         if not 0 <= opts["box_dropout"] < 1 or int(opts["box_grid"]) < 1:
             raise UserError(f"box_dropout must be in [0, 1) and box_grid at least 1, got {opts['box_dropout']}, {opts['box_grid']}")

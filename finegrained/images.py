@@ -1,10 +1,10 @@
 """The bottom layer: every image the project reads is decoded here (EXIF orientation, 16-bit, JPEG draft
 decoding), and a row's box is a region of that upright image. Imports nothing of the project's."""
 import math
-import os
 
 import numpy as np
 import pandas as pd
+from fastcore.basics import num_cpus  # fastcore.parallel's num_cpus, defined here
 from PIL import ExifTags, Image, ImageOps
 
 BOX_COLUMNS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]  # the devkit box of a row: 1-based, inclusive, upright pixels
@@ -94,7 +94,9 @@ def box_region(width, height, box=None, margin=0.0):
 
 
 def default_workers():
-    return min(os.cpu_count() or 1, 16)
+    """DataLoader workers when --workers is not given: the CPU cores this process may run on (fastcore's num_cpus,
+    which reads the CPU affinity, so a job pinned to 4 cores of 64 gets 4), at least 1, at most 16."""
+    return max(1, min(num_cpus() or 1, 16))
 
 
 def image_sizes(paths):

@@ -33,6 +33,7 @@ from finegrained.heads import HEADS, make_head, OPTIONS
 from finegrained.recipe import ALIASES, TORCHVISION_ARCHS, Recipe, Stage
 
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
+LEGACY_HEAD_OPTIONS = {"reduce_ch": "bilinear_dim"}  # model.json written before the head took the recipe's name
 
 
 def resolve_arch(arch):
@@ -96,7 +97,7 @@ def head_options(recipe):
     written out so that a later change of default cannot change how a saved model is rebuilt."""
     options = dict(OPTIONS.get(recipe["head"], {}))
     if recipe["head"] == "bilinear":
-        options["reduce_ch"] = int(recipe["bilinear_dim"]) or None  # bilinear_dim 0: no 1x1 reduction
+        options["bilinear_dim"] = int(recipe["bilinear_dim"]) or None  # bilinear_dim 0: no 1x1 reduction
     return options
 
 
@@ -269,6 +270,15 @@ def save_trained(model, folder, meta):
     write_json(folder / META_FILE, meta)
 
 
+def saved_head_options(meta, where):
+    """A model.json's head_options (`meta` read from the file `where`), their legacy names (LEGACY_HEAD_OPTIONS) under
+    today's: the one place they are read, so a run folder from before a rename still loads."""
+    options = meta.get("head_options") or {}
+    if not isinstance(options, dict):
+        raise UserError(f"{where}: head_options must be a JSON object, got {options!r}")
+    return {LEGACY_HEAD_OPTIONS.get(k, k): v for k, v in options.items()}
+
+
 def load_trained(folder):
     """(model in eval mode, metadata) from a folder written by save_trained."""
     folder = Path(folder)
@@ -287,10 +297,8 @@ def load_trained(folder):
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{folder / WEIGHTS_FILE}: not a safetensors file, refusing to load it ({err})")
-    options = meta.get("head_options") or {}
-    if not isinstance(options, dict):
-        raise UserError(f"{folder / META_FILE}: head_options must be a JSON object, got {options!r}")
-    model = build_model(arch, len(classes), pretrained=False, head=meta.get("head", "concat"), head_options=options)
+    model = build_model(arch, len(classes), pretrained=False, head=meta.get("head", "concat"),
+                        head_options=saved_head_options(meta, folder / META_FILE))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

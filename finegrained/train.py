@@ -25,6 +25,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, combine_scheds
 from fastai.callback.tracker import EarlyStoppingCallback
 from fastai.learner import AvgLoss
+from fastcore.basics import noop
 from fastcore.foundation import L
 
 from finegrained import distributed, recipe
@@ -262,10 +263,15 @@ NUMERIC = {"epoch", "size", "bs", "train_loss", "train_accuracy", "valid_loss", 
 
 
 def show_bars(learn, bars):
-    """fastprogress bars on a terminal; in a log file they pile up, so train_progress.RunProgress prints lines instead."""
+    """fastprogress bars on a terminal; in a log file they pile up, so train_progress.RunProgress prints lines instead.
+
+    Without bars, what fastai's `with learn.no_bar(), learn.no_logging():` does, kept rather than undone at the end:
+    the progress callback removed (no_bar) and the logger fastcore's noop (no_logging; else the Recorder prints raw
+    lists). Not those context managers themselves: a learner here fits several stages in turn (run_stages) or is
+    handed on and fitted later (run.py --sanity's make_learner), and no_bar puts a ProgressCallback back on exit."""
     if not bars and any(isinstance(cb, ProgressCallback) for cb in learn.cbs):
         learn.remove_cb(ProgressCallback)
-        learn.logger = lambda *args: None  # the Recorder would print raw lists
+        learn.logger = noop
 
 
 def load_checkpoint(out):

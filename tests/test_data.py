@@ -45,6 +45,19 @@ def test_balanced_sampling_draws_rare_classes_as_often(prepared):
     assert counts[3] > 0.15 * counts.sum()  # 3 of 93 images, yet about a quarter of the draws
 
 
+def test_default_workers_follow_the_cpu_affinity_up_to_16(monkeypatch):
+    import os
+    from finegrained.images import default_workers
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's cores: not what a pinned job may use
+    for allowed, want in [(3, 3), (16, 16), (40, 16)]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=allowed: set(range(n)), raising=False)
+        assert default_workers() == want
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)  # macOS, Windows: no affinity, the core count
+    assert default_workers() == 16
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # the count unknown: one worker
+    assert default_workers() == 1
+
+
 def test_open_image_crops_to_box_and_makes_rgb(tmp_path):
     im = Image.new("L", (200, 100), 0)
     im.paste(255, (50, 20, 150, 80))

@@ -101,7 +101,7 @@ def test_iou_is_elementwise():
 @pytest.mark.parametrize("kind", ["concat", "linear", "bilinear", "localize"])
 def test_each_head_builds_on_torchvision_and_timm(kind, backbone):
     from fastai.vision.learner import default_split
-    model = make_head(kind, BODIES[backbone](), 3, **({"reduce_ch": 32} if kind == "bilinear" else {})).eval()
+    model = make_head(kind, BODIES[backbone](), 3, **({"bilinear_dim": 32} if kind == "bilinear" else {})).eval()
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))
     if kind == "localize":
@@ -167,7 +167,7 @@ def test_concat_is_fastais_head(backbone):
 
 def test_bilinear_features_are_normalized_outer_products():
     torch.manual_seed(0)
-    pool = BilinearPool(8, reduce_ch=None).eval()
+    pool = BilinearPool(8, bilinear_dim=None).eval()
     x = torch.randn(3, 8, 5, 4)
     got = pool(x)
     # another way: each pair of channels (i, j) multiplied location by location, averaged over the 20 locations
@@ -192,7 +192,7 @@ def test_bilinear_reduction_and_classifier_sizes():
 
 def test_bilinear_under_bf16_autocast_is_finite_and_pooled_in_fp32():
     torch.manual_seed(0)
-    model = make_head("bilinear", tv_body(), 4, reduce_ch=64).eval()
+    model = make_head("bilinear", tv_body(), 4, bilinear_dim=64).eval()
     x = torch.randn(2, 3, 64, 64) * 50  # large activations: bf16 products would lose most digits
     with torch.no_grad():
         ref = model(x)
@@ -210,20 +210,40 @@ def test_bad_head_choices_stop_with_one_line():
     from fastai.vision.learner import create_timm_model
     with pytest.raises(UserError, match="unknown head 'bilnear'"):
         make_head("bilnear", tv_body(), 3)
-    with pytest.raises(UserError, match="head 'concat' takes no option 'reduce_ch'"):
-        make_head("concat", tv_body(), 3, reduce_ch=8)
+    with pytest.raises(UserError, match="head 'concat' takes no option 'bilinear_dim'"):
+        make_head("concat", tv_body(), 3, bilinear_dim=8)
     with pytest.raises(UserError, match="positive number of channels"):
-        make_head("bilinear", tv_body(), 3, reduce_ch=0)
+        make_head("bilinear", tv_body(), 3, bilinear_dim=0)
     vit = create_timm_model("vit_tiny_patch16_224", 3, pretrained=False, img_size=32)[0][0]
     with pytest.raises(UserError, match="needs a .batch, channels, height, width. feature map.*pooled features"):
         make_head("localize", vit, 3)
+
+
+def test_a_model_json_from_before_the_rename_loads_its_bilinear_dim(tmp_path):
+    """model.json once stored the bilinear width as `reduce_ch`: load_trained and lr_find.py --model read it as
+    bilinear_dim (16 here, not the default 512, whose weights would not fit)."""
+    import json
+    import lr_find
+    from finegrained.models import build_model, load_trained, save_trained
+    torch.manual_seed(0)
+    model = build_model("resnet18", 3, head="bilinear", head_options={"bilinear_dim": 16}).eval()
+    save_trained(model, tmp_path, {"arch": "resnet18", "head": "bilinear", "head_options": {"reduce_ch": 16, "dropout": 0.5},
+                                   "classes": [{"id": i, "name": f"c{i}"} for i in range(3)], "image_size": 32})
+    again, meta = load_trained(tmp_path)
+    assert json.loads((tmp_path / "model.json").read_text())["head_options"] == {"reduce_ch": 16, "dropout": 0.5}
+    assert again[1][0].channels == 16 and again[1][-1].in_features == 16 * 16
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    recipe, given, _ = lr_find.measured(lr_find.parse_args(["--model", str(tmp_path), "--stage", "unfrozen"]))
+    assert recipe["bilinear_dim"] == given["bilinear_dim"] == 16
 
 
 @pytest.mark.parametrize("kind", ["concat", "bilinear", "localize"])
 def test_weights_round_trip_through_safetensors(kind, tmp_path):
     from safetensors.torch import load_file, save_file
     torch.manual_seed(0)
-    opts = {"reduce_ch": 16} if kind == "bilinear" else {}
+    opts = {"bilinear_dim": 16} if kind == "bilinear" else {}
     model = make_head(kind, timm_body(), 3, **opts).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "m.safetensors"))
     again = make_head(kind, timm_body(), 3, **opts)

@@ -96,7 +96,7 @@ def test_each_head_trains_reloads_through_test_py_and_scores_above_chance(head, 
     metrics, meta = train(prepared, tmp_path / head, "--arch", "resnet18", "--head", head, "--bilinear-dim", 32,
                           "--epochs", "0,4,0", "--sizes", "48,48", "--bs", "16,16")
     assert meta["head"] == head
-    assert meta["head_options"] == {"bilinear": {"reduce_ch": 32, "dropout": 0.5},
+    assert meta["head_options"] == {"bilinear": {"bilinear_dim": 32, "dropout": 0.5},
                                     "localize": {"box_dropout": 0.1, "box_grid": 4}}.get(head, {})
     found, printed = score(capsys, "--model", tmp_path / head, "--folder", prepared, "--csv", prepared / "test.csv",
                            "--out", tmp_path / "p.csv", "--workers", 0)
@@ -121,7 +121,7 @@ def test_the_bilinear_head_is_the_last_parameter_group_and_its_sizes(prepared):
     from finegrained.models import create_learner
     from finegrained.heads import BilinearPool
     learn = create_learner(get_dls(prepared / "train.csv", size=32, bs=8, workers=0), "resnet18", pretrained=False,
-                           head="bilinear", head_options={"reduce_ch": 16})
+                           head="bilinear", head_options={"bilinear_dim": 16})
     groups = learn.splitter(learn.model)
     assert len(groups) == 3
     assert {id(p) for p in groups[-1]} == {id(p) for p in learn.model[1].parameters()}
@@ -307,7 +307,7 @@ def test_head_flags_reach_the_learner_and_model_json(prepared):
     learn = create_learner(dls, "resnet18", pretrained=False, **head_args(resolved))
     assert isinstance(learn.loss_func, LocalizeLoss) and (learn.loss_func.box_loss, learn.loss_func.lam) == ("giou", 2.5)
     assert [m.name for m in learn.metrics] == ["accuracy", "top5_accuracy", "mean_iou", "iou50"]
-    assert head_args({**resolved, "head": "bilinear"})["head_options"] == {"reduce_ch": None, "dropout": 0.5}
+    assert head_args({**resolved, "head": "bilinear"})["head_options"] == {"bilinear_dim": None, "dropout": 0.5}
     assert head_args(resolved, boxes=False) == {"head": "concat", "head_options": {}}
     with pytest.raises(UserError, match="--head localize needs DataLoaders with boxes"):
         create_learner(get_dls(prepared / "train.csv", size=32, bs=8, workers=0), "resnet18", pretrained=False,
@@ -364,7 +364,7 @@ def test_bcnn_aircraft_runs_scaled_down(prepared, tmp_path, capsys):
     out = tmp_path / "bcnn"
     metrics, meta = train(prepared, out, "--recipe", "bcnn_aircraft", "--arch", "resnet18", "--epochs", "1,1,1",
                           "--sizes", 32, "--bs", 16, "--bilinear-dim", 64)
-    assert (meta["head"], meta["head_options"]["reduce_ch"], meta["crop_bbox"], meta["resize"], meta["crop_pct"]) == \
+    assert (meta["head"], meta["head_options"]["bilinear_dim"], meta["crop_bbox"], meta["resize"], meta["crop_pct"]) == \
         ("bilinear", 64, True, "squash", 0.875)
     history = pd.read_csv(out / "history.csv")
     assert history["stage"].tolist() == ["phase1", "phase2", "phase3"]

@@ -113,3 +113,23 @@ def test_a_terminal_shows_the_stage_and_the_runs_epoch_in_fastais_bars_and_table
     assert [r[:2] for r in rows] == [["frozen", "1/2"], ["unfrozen", "2/2"]]
     assert [float(r[3]) for r in rows] == pytest.approx(history["train_accuracy"].tolist(), abs=1e-6)
     assert "after its first epoch" in shown
+
+
+def test_without_bars_fit_after_fit_prints_nothing_yet_records(monkeypatch, capsys):
+    """show_bars(learn, False): what fastai's no_bar and no_logging do, for every later fit; with bars, fastai's."""
+    import fastprogress.fastprogress as fp
+    from fastai.callback.progress import ProgressCallback
+    from fastai.test_utils import synth_learner
+    from finegrained.train import show_bars
+    monkeypatch.setattr(fp, "printing", lambda: True)  # as on a terminal
+    shown = synth_learner()
+    show_bars(shown, True)
+    shown.fit(1)
+    assert "train_loss" in capsys.readouterr().out  # fastai's bar and table
+    quiet = synth_learner()
+    show_bars(quiet, False)
+    quiet.fit(1)
+    quiet.fit(1)
+    assert capsys.readouterr().out == ""  # no bar, and not the Recorder's raw lists
+    assert not any(isinstance(cb, ProgressCallback) for cb in quiet.cbs)
+    assert len(quiet.recorder.values) == 1 and len(quiet.recorder.values[0]) == 2  # still recorded: train, valid loss

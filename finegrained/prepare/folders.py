@@ -29,7 +29,8 @@ def _class_dirs(folder):
 
 def _images(class_dir):
     """The class's image files (following links), refusing an empty class folder, a stray non-image file
-    or a broken link."""
+    or a broken link. Not fastai's get_image_files: it would skip the stray file and keep the broken link without a
+    word, and walk a link loop (walk.py says more)."""
     entries = [p for p in rglob(class_dir) if not p.name.startswith(".")]
     for p in entries:
         refuse_broken(p)
