@@ -178,8 +178,8 @@ def top5_accuracy(inp, targ):
 LOSSES = {"ce": "CrossEntropyLossFlat", "smooth": "LabelSmoothingCrossEntropyFlat", "focal": "FocalLossFlat"}
 
 
-def make_loss(name):
-    kwargs = {"smooth": dict(eps=0.1), "focal": dict(gamma=2.0)}.get(name, {})
+def make_loss(name, label_smoothing=Recipe.label_smoothing):
+    kwargs = {"smooth": dict(eps=label_smoothing), "focal": dict(gamma=2.0)}.get(name, {})
     return getattr(losses, LOSSES[name])(**kwargs)
 
 
@@ -194,7 +194,8 @@ def make_opt(name="adam", mom=0.9, sqr_mom=0.99, eps=1e-5):
 def learner_args(recipe, stage, boxes=True):
     """create_learner's keywords from a resolved recipe and the stage it starts with:
     `create_learner(dls, **learner_args(recipe, stage))`; `boxes=False` as for head_args."""
-    return {"arch": recipe["arch"], "pretrained": recipe["pretrained"], "loss": recipe["loss"], "wd": stage["wd"],
+    return {"arch": recipe["arch"], "pretrained": recipe["pretrained"], "loss": recipe["loss"],
+            "label_smoothing": recipe["label_smoothing"], "wd": stage["wd"],
             "opt": stage["opt"], "mom": stage["mom"], "sqr_mom": stage["sqr_mom"], "eps": stage["eps"],
             "wd_bn_bias": recipe["wd_bn_bias"], "train_bn": recipe["train_bn"], "drop_path_rate": recipe["drop_path_rate"],
             **head_args(recipe, boxes)}
@@ -229,7 +230,8 @@ def is_localize_dls(dls):
 def create_learner(dls, arch=Recipe.arch, pretrained=Recipe.pretrained, weights=None, loss=Recipe.loss, wd=Stage.wd,
                    path=".", head=Recipe.head, opt=Stage.opt, mom=Stage.mom, head_options=None, box_loss=Recipe.box_loss,
                    box_lambda=Recipe.box_lambda, sqr_mom=Stage.sqr_mom, eps=Stage.eps, wd_bn_bias=Recipe.wd_bn_bias,
-                   train_bn=Recipe.train_bn, drop_path_rate=Recipe.drop_path_rate):
+                   train_bn=Recipe.train_bn, drop_path_rate=Recipe.drop_path_rate,
+                   label_smoothing=Recipe.label_smoothing):
     """A fastai Learner: the backbone and head, the loss, the optimizer (AdamW by default; one-cycle cycles its beta1),
     BatchNorm trained even when frozen (unless `train_bn=False`: then a frozen BatchNorm keeps its weights and, through
     fastai's BnFreeze, its running statistics), weight decay on BatchNorm and biases only with `wd_bn_bias`, and the
@@ -246,9 +248,9 @@ def create_learner(dls, arch=Recipe.arch, pretrained=Recipe.pretrained, weights=
     if weights is not None:
         load_backbone_weights(model, arch, weights)
     if head == "localize":
-        loss_func, metrics = LocalizeLoss(make_loss(loss), box_loss, box_lambda), localize_metrics(top5_accuracy)
+        loss_func, metrics = LocalizeLoss(make_loss(loss, label_smoothing), box_loss, box_lambda), localize_metrics(top5_accuracy)
     else:
-        loss_func, metrics = make_loss(loss), [accuracy, top5_accuracy]
+        loss_func, metrics = make_loss(loss, label_smoothing), [accuracy, top5_accuracy]
     learn = Learner(dls, model, loss_func=loss_func, opt_func=make_opt(opt, mom, sqr_mom, eps), wd=wd, path=path,
                     wd_bn_bias=wd_bn_bias, train_bn=train_bn, splitter=splitter_for(arch), metrics=metrics,
                     cbs=[] if train_bn else [BnFreeze()])

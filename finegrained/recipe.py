@@ -100,8 +100,11 @@ class Recipe:
                         choices=("smoothl1", "giou"), flag=True)
     box_lambda: float = key(1.0, "`head = \"localize\"`: loss = class loss + box_lambda x box loss", flag=True,
                             metavar="L")
-    loss: str = key("ce", "`ce` (cross-entropy), `smooth` (label smoothing 0.1) or `focal` (gamma 2)",
+    loss: str = key("ce", "`ce` (cross-entropy), `smooth` (label smoothing: `label_smoothing`) or `focal` (gamma 2)",
                     choices=("ce", "smooth", "focal"), flag=True)
+    label_smoothing: float = key(0.1, "`loss = \"smooth\"`: the share of each target spread evenly over the classes "
+                                      "(fastai's `LabelSmoothingCrossEntropy` eps; mixup's soft targets follow it)",
+                                 within="[0, 1)", flag=True, metavar="EPS")
     valid_pct: float = key(0.0, "the share of train held out for validation (needed by early stopping); 0 trains on "
                                 "all of train", within="[0, 1)", flag=True)
     seed: int = key(42, "random seed of the validation split and the run", flag=True)

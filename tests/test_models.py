@@ -165,3 +165,15 @@ def test_models_py_counts_each_parameter_group_as_torchvision_builds_it(capsys):
     bn = sum(p.numel() for m in tv.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
     frozen = next(line for line in lines if line.startswith("stage frozen"))
     assert f"({(head + bn) / 1e6:.2f} M)" in frozen
+
+
+def test_label_smoothing_flag_reaches_fastais_loss(dls):
+    """--label-smoothing, declared once in recipe.Recipe, is the eps of the loss fastai trains with."""
+    from fastai.losses import LabelSmoothingCrossEntropyFlat
+    from finegrained import recipe as recipes, runner
+    from finegrained.models import learner_args
+    args = runner.parse_args(["--loss", "smooth", "--label-smoothing", "0.25", "--arch", "resnet18", "--no-pretrained"])
+    recipe = recipes.resolve(recipes.load()[1], recipes.overrides(args))
+    learn = create_learner(dls, **learner_args(recipe, recipe["stages"][0]))
+    assert isinstance(learn.loss_func, LabelSmoothingCrossEntropyFlat) and learn.loss_func.func.eps == 0.25
+    assert recipes.resolve(recipes.load()[1])["label_smoothing"] == 0.1   # the default: the smoothing every recipe had
