@@ -11,7 +11,8 @@ BOX_COLUMNS = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2"]  # the devkit box of 
 # The one list of image files the project reads. Not fastai's image_extensions: that is read from the system's MIME
 # table, so it lists .svg and .heic, which PIL cannot decode, and on some machines (this one) lacks .webp, which it can.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-BOX_MARGIN = 0.16  # --crop-bbox grows each box by this fraction of its size on every side
+BOX_MARGIN = 0.16  # --crop-bbox grows each box by this share of its size on every side (prepare/resize.py's crops, and
+#   model.json files from before they recorded bbox_margin); recipe.Recipe.bbox_margin defaults to it, test_recipes checks
 
 
 def load_image(path, draft=None):

@@ -218,3 +218,9 @@ def test_recipes_readme_tables_are_the_declared_keys():
     assert recipes.key_tables() in readme
     for name in [*recipes.RUN_KEYS, *recipes.STAGE_KEYS]:
         assert f"| `{name}` |" in readme
+
+
+def test_the_recipes_box_margin_is_the_one_prepare_crops_with():
+    """prepare/ sits below the recipe and cannot import it: the two literals are kept equal here."""
+    from finegrained.images import BOX_MARGIN
+    assert recipes.Recipe.bbox_margin == BOX_MARGIN
