@@ -79,7 +79,7 @@ def add_weights(p):
 
 def add_workers(p):
     p.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes (default: all CPU cores, at most 16)")
+                   help="DataLoader worker processes (default: the CPU cores this process may use, at most 16)")
 
 
 def add_device(p, refuses=False):

@@ -69,9 +69,9 @@ def parse_args(argv=None):
                         "confusion PNG are written beside it")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (fastai's tta: flips, crops and the training transforms)")
-    p.add_argument("--bs", type=int, default=64, help="batch size")
+    p.add_argument("--bs", type=int, default=64, help="batch size of the scoring (one number: scoring has no stages, unlike run.py's per-stage --bs)")
     p.add_argument("--skip-bad", action="store_true", help="skip rows whose image is missing or unreadable (each is reported) instead of stopping")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: all CPU cores, at most 16)")
+    cli.add_workers(p)
     cli.add_device(p)
     p.add_argument("--localizer", default=None, metavar="LOC",
                    help="for a model trained with --crop-bbox: crop each image to the box that LOC (a model trained with "
