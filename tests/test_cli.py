@@ -105,3 +105,18 @@ def test_no_tracked_file_points_outside_the_repository():
              and (root / name).is_file() and name != "tests/test_cli.py"
              for n, line in enumerate((root / name).read_text(errors="replace").splitlines(), 1) if outside.search(line)]
     assert not found
+
+
+def test_the_quick_tier_leaves_out_what_trains_or_starts_a_process():
+    """conftest.py marks slow, by what they call, the tests that train, run a script or need a trained model."""
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "not slow", "-p",
+                             "no:cacheprovider", "tests/test_run.py", "tests/test_progress.py", "tests/test_evaluate.py"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300).stdout
+    quick = {line.split("::")[1].split("[")[0] for line in listed.splitlines() if "::" in line}
+    assert {"test_top_k_counts_ties_inside_k_and_agrees_with_the_predicted_class",   # in-process, nothing trained
+            "test_confusion_keeps_a_row_and_column_for_every_class"} <= quick
+    for slow in ("test_train_py_trains_the_stages_and_scores_nothing_on_the_test_set",   # run.main in the test
+                 "test_a_log_file_gets_a_line_per_interval_with_loss_lr_images_per_s_and_the_etas",  # in its fixture
+                 "test_lr_find_plots_and_prints_suggestions"):                       # lr_find.main
+        assert slow not in quick, slow
+    assert "test_without_bars_fit_after_fit_prints_nothing_yet_records" not in quick   # fastai's fit on a tiny learner
