@@ -18,7 +18,9 @@ def run(main):
     try:
         main()
     except UserError as err:
-        if os.environ.get("RANK", "0") == "0":  # data-parallel: every process stops alike; one says why
+        # data-parallel: every process stops alike; one says why. Read here from RANK, which torchrun and accelerate
+        # set, because cli sits below distributed (whose is_main also reads MPI launchers' variables)
+        if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         sys.exit(err.status)
     except OSError as err:

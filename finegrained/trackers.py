@@ -28,6 +28,7 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
+from finegrained import distributed
 from finegrained.errors import UserError
 
 from finegrained.files import write_json
@@ -94,9 +95,8 @@ class EpochTracker(Callback):
 
     # fastai events
     def before_fit(self):
-        from fastai.torch_core import rank_distrib
         # not for lr_find, nor on the other processes of a data-parallel run: the main one logs
-        if hasattr(self.learn, "lr_finder") or hasattr(self, "gather_preds") or self.started or rank_distrib() != 0:
+        if hasattr(self.learn, "lr_finder") or hasattr(self, "gather_preds") or self.started or not distributed.is_main():
             return
         self.run_folder.mkdir(parents=True, exist_ok=True)
         self.start()
