@@ -354,7 +354,7 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, device, 
     if distributed.is_main():
         held.enter_context(files.folder_lock(out))  # one process per run folder (rank 0 writes for a data-parallel run)
         refuse_existing_run(out, args.resume)  # again, now that no other run can be writing here
-        print(f"training {recipe['arch']} ({recipe['name']} recipe) on {where}; precision {precision}",
+        print(f"training {recipe['arch']} ({recipe['name']} recipe) on {where}",  # where: the device and its precision
               file=sys.stderr if device == "cpu" else sys.stdout, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         if not args.resume:
