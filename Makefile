@@ -51,7 +51,7 @@ demo: install
 	$(PY) test.py --model $(DEMO_DIR)/run --folder $(DEMO_DIR)/source/cars_test \
 	    --csv $(DEMO_DIR)/source/cars_test_labels.csv --label-col 5 --heatmaps 4 --top-losses 8 \
 	    --out $(DEMO_DIR)/run/holdout_predictions.csv
-	@echo "plots and predictions: $(DEMO_DIR)/run (loss_plot_frozen.png, training_curves.png, holdout_predictions*.{csv,png})"
+	@echo "plots and predictions: $(DEMO_DIR)/run (loss_plot_frozen.png, augmented_batch.png: what the model sees, training_curves.png, holdout_predictions*.{csv,png})"
 	@echo "open the reports: $(DEMO_DIR)/run/report.html (the run), $(DEMO_DIR)/run/holdout_predictions_report.html (heatmaps, worst classes)"
 
 # Everything CI runs: the layering contract (pyproject.toml), then the whole suite
