@@ -313,7 +313,7 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, device, 
     from finegrained.images import default_workers
     from finegrained.prepare.tables import check_table_images, read_table
     from finegrained.models import build_learner, recipe_dls, save_trained
-    from finegrained.train import Stage, epochs_left, run_stages
+    from finegrained.train import Stage, epochs_left, run_stages, show_bars
     from finegrained.plots import BATCH_PNG, batch_grid
 
     refuse_existing_run(out, args.resume)
@@ -372,6 +372,7 @@ def train_and_score(args, argv, recipe, data, out, config, world, held, device, 
         if rescore:
             print(f"{out}: the run has finished (its {CHECKPOINT} was removed then): scoring its {WEIGHTS} again")
             load_weights(learn, out / WEIGHTS)
+            show_bars(learn, sys.stdout.isatty())  # as run_stages sets them: none in a log file
         else:
             with distributed.context(learn, sync_bn=args.sync_bn):
                 run_stages(learn, stages, make_dls, out, resume=args.resume, extra_cbs=[*regularizers, *trackers],

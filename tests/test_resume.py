@@ -176,6 +176,7 @@ def test_a_finished_run_removes_its_checkpoint_unless_kept_and_resumes_from_its_
     run.main(["--out", str(out), "--resume", "--workers", "0"])  # scored again from model.safetensors
     printed = capsys.readouterr().out
     assert "scoring its model.safetensors again" in printed and f"test accuracy: {metrics['test_top1']:.4f}" in printed
+    assert "█" not in printed   # stdout is no terminal here: no progress bar, as while training
     assert (out / "history.csv").read_text() == history  # nothing trained
     run.main(tiny(prepared, kept, *one_epoch, "--keep-checkpoint"))
     state = torch.load(kept / "checkpoint.pth", weights_only=True)
