@@ -224,3 +224,26 @@ def test_the_recipes_box_margin_is_the_one_prepare_crops_with():
     """prepare/ sits below the recipe and cannot import it: the two literals are kept equal here."""
     from finegrained.images import BOX_MARGIN
     assert recipes.Recipe.bbox_margin == BOX_MARGIN
+
+
+@pytest.mark.parametrize("script", ["runner", "lr_find", "models"])
+def test_every_declared_flag_is_taken_by_each_script_and_becomes_its_override(script):
+    """The recipe flags are generated from recipe.Recipe and recipe.Stage: a key declared with a flag is a flag of
+    run.py (and train.py), lr_find.py and models.py at once, parsed to the key's type and handed to the recipe."""
+    import importlib
+    parse_args = importlib.import_module(f"finegrained.{script}" if script == "runner" else script).parse_args
+    for name in recipes.RUN_FLAGS:
+        declared = recipes.RUN_KEYS[name]
+        flag = f"--{name.replace('_', '-')}"
+        if declared.type is bool:
+            argv, want = [f"--no-{name.replace('_', '-')}"], False
+        elif declared.metadata["choices"]:
+            argv, want = [flag, declared.metadata["choices"][-1]], declared.metadata["choices"][-1]
+        else:
+            want = declared.type(1) if declared.type is not str else "resnet18"
+            argv = [flag, str(want)]
+        assert recipes.overrides(parse_args(argv)) == {name: want}, name
+    stage_flags = [f for f in recipes.STAGE_FLAGS if not (script == "lr_find" and f == "epochs")]
+    given = recipes.overrides(parse_args([*[a for f in stage_flags for a in (f"--{f}", "2,3" if f != "wd" else "0.5")]]))
+    assert given == {f: (0.5 if f == "wd" else [2, 3] if recipes.STAGE_KEYS[recipes.STAGE_FLAGS[f]].type is int else [2.0, 3.0])
+                     for f in stage_flags}
