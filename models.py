@@ -13,7 +13,7 @@ from finegrained import recipe as recipes
 
 def parse_args(argv=None):
     p = cli.parser(__doc__)
-    cli.add_recipe(p)
+    cli.add_recipe(p, resume=False)
     recipes.add_flags(p)
     p.add_argument("--classes", type=int, default=196, help="number of classes (default: 196, Stanford Cars)")
     args = p.parse_args(argv)

@@ -68,10 +68,11 @@ def add_data(p, default="data/stanford_cars"):
                    help="prepared dataset folder holding train.csv and test.csv (see data.py)")
 
 
-def add_recipe(p):
+def add_recipe(p, resume=True):
+    own = "; with --resume, the run's own" if resume else ""
     p.add_argument("--recipe", default=None,
                    help="a recipe under recipes/ by name, a .toml file, or a run's config.json to run it again "
-                        "(default: fastai_resnext50, the published recipe; with --resume, the run's own)")
+                        f"(default: fastai_resnext50, the published recipe{own})")
 
 
 def add_weights(p):

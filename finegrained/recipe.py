@@ -53,11 +53,11 @@ def key(default, doc, *, choices=(), within=None, flag=False, metavar=None):
 class Stage:
     """One fit of a recipe: a [[stages]] table (a stage key at the recipe's top level is the default of every stage)."""
     name: str = key(None, "shown in history.csv and the logs (default: `stage<N>`)")
-    epochs: int = key(1, "epochs; 0 skips the stage", flag="epochs")
+    epochs: int = key(1, "epochs (0 skips the stage)", flag="epochs")
     size: int = key(224, "image size (pixels)", within="[8, inf)", flag="sizes")
     bs: int = key(32, "batch size (the global batch under data-parallel training)", within="[1, inf)", flag="bs")
-    lr: float = key(1e-3, "max learning rate of the head (for 256 images under `lr_rule = \"linear\"`; `--show` prints "
-                          "the rate trained at); each earlier parameter group gets it / `lr_div`", flag="lr")
+    lr: float = key(1e-3, "max learning rate of the head (for 256 images under `lr_rule = \"linear\"`; `run.py --show` "
+                          "prints the rate trained at); each earlier parameter group gets it / `lr_div`", flag="lr")
     lr_div: float = key(1.0, "each earlier parameter group gets the next group's rate divided by this (3 in "
                              "`fastai_resnext50`)", within="(0, inf)")
     opt: str = key("adam", "`adam` (fastai's Adam with decoupled weight decay: AdamW) or `sgd` (momentum, L2 weight "
@@ -128,7 +128,7 @@ class Recipe:
                        choices=("none", "linear"), flag=True)
     mixup_alpha: float = key(0.0, "mixup's Beta(alpha, alpha) on training batches (timm's `Mixup`, batch mode: each "
                                   "batch mixed with itself reversed), trained on soft targets with timm's "
-                                  "`SoftTargetCrossEntropy` (the `smooth` loss's 0.1 folded in); needs `loss` `ce` or "
+                                  "`SoftTargetCrossEntropy` (the `smooth` loss's `label_smoothing` folded in); needs `loss` `ce` or "
                                   "`smooth`, an even `bs` and a classifying head; validation is untouched; 0 turns it off",
                              flag=True, metavar="A")
     cutmix_alpha: float = key(0.0, "cutmix's Beta(alpha, alpha) on training batches; 0 turns it off; with mixup on "
@@ -234,7 +234,7 @@ def _fill(raw, where):
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
         raise UserError(f"{where}: a recipe needs at least one [[stages]] table")
-    shared = {k: raw[k] for k in STAGE_KEYS if k in raw}
+    shared = {k: raw[k] for k in STAGE_KEYS if k in raw and k != "name"}  # the recipe's name is not each stage's
     filled = []
     for i, stage in enumerate(stages, 1):
         bad = sorted(set(stage) - set(STAGE_KEYS))
@@ -293,40 +293,36 @@ def _spread(flag, given, stages):
             stages[i][name] = value
 
 
-def _help(declared, default_text):
-    text = declared.metadata["doc"].replace("`", "")
-    return f"{text} (default: from the recipe{default_text})"
+def _shown(value):
+    return str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def add_flags(parser, skip=()):
     """The recipe's flags, generated from Recipe's and Stage's keys, in a group of their own: each overrides its key
-    in the recipe, and one left out gives nothing (None). --epochs, --sizes, --bs and --lr take one value per stage
-    or per run of stages sharing a value; --wd one value for every stage."""
-    group = parser.add_argument_group("recipe settings (each overrides the recipe's value; --recipe NAME --show "
-                                      "prints them resolved)")
+    in the recipe, and one left out gives nothing (None). --sizes, --bs and --lr take one value per stage or per run
+    of stages sharing a value, --epochs one per stage, --wd one value for every stage. Each flag's help shows the
+    published recipe's value (DEFAULT, resolved)."""
+    group = parser.add_argument_group("recipe settings (each overrides the recipe's value)")
+    published = _fill(load(DEFAULT)[1], DEFAULT)
     for name in RUN_FLAGS:
-        declared = RUN_KEYS[name]
-        flag, meta = f"--{name.replace('_', '-')}", declared.metadata
         if name in skip:
             continue
-        if declared.type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=_help(declared, f", {str(declared.default).lower()}"))
-        else:
-            group.add_argument(flag, type=declared.type, default=None, choices=meta["choices"] or None,
-                               metavar=meta["metavar"], help=_help(declared, f", {declared.default}"))
-    stages = load(DEFAULT)[1]["stages"]
+        declared = RUN_KEYS[name]
+        flag, meta = f"--{name.replace('_', '-')}", declared.metadata
+        kind = {"action": argparse.BooleanOptionalAction} if declared.type is bool else {
+            "type": declared.type, "choices": meta["choices"] or None, "metavar": meta["metavar"]}
+        group.add_argument(flag, default=None, **kind, help=f"{meta['doc'].replace('`', '')} (default: from the "
+                                                            f"recipe; {DEFAULT}: {_shown(published[name])})")
     for flag, name in STAGE_FLAGS.items():
         if flag in skip:
             continue
         declared = STAGE_KEYS[name]
-        if flag == "wd":
-            group.add_argument("--wd", type=float, default=None, help=_help(declared, "") + "; one value for every stage")
-            continue
-        shown = ",".join(f"{s.get(name, declared.default):g}" for s in stages)
-        group.add_argument(f"--{flag}", type=int_list if declared.type is int else float_list, default=None,
-                           help=f"{declared.metadata['doc'].replace('`', '')}, per stage or per run of stages sharing "
-                                f"one (default: from the recipe; {DEFAULT}: {shown})")
+        shown = ",".join(_shown(s[name]) for s in published["stages"][:1 if flag == "wd" else None])
+        rule = ("one value for every stage" if flag == "wd" else "one value per stage" if flag == "epochs"
+                else "per stage or per run of stages sharing one")
+        group.add_argument(f"--{flag}", default=None, help=f"{declared.metadata['doc'].replace('`', '')}, {rule} "
+                                                           f"(default: from the recipe; {DEFAULT}: {shown})",
+                           type=float if flag == "wd" else int_list if declared.type is int else float_list)
 
 
 def overrides(args):

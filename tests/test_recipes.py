@@ -243,7 +243,16 @@ def test_every_declared_flag_is_taken_by_each_script_and_becomes_its_override(sc
             want = declared.type(1) if declared.type is not str else "resnet18"
             argv = [flag, str(want)]
         assert recipes.overrides(parse_args(argv)) == {name: want}, name
-    stage_flags = [f for f in recipes.STAGE_FLAGS if not (script == "lr_find" and f == "epochs")]
+    stage_flags = [f for f in recipes.STAGE_FLAGS if not (script == "lr_find" and f in ("epochs", "lr"))]
     given = recipes.overrides(parse_args([*[a for f in stage_flags for a in (f"--{f}", "2,3" if f != "wd" else "0.5")]]))
     assert given == {f: (0.5 if f == "wd" else [2, 3] if recipes.STAGE_KEYS[recipes.STAGE_FLAGS[f]].type is int else [2.0, 3.0])
                      for f in stage_flags}
+
+
+def test_unnamed_stages_are_numbered_not_named_after_the_recipe(tmp_path):
+    """A recipe's name is not a default for its stages' names (history.csv and the per-stage seconds tell stages
+    apart by name)."""
+    toml = tmp_path / "two.toml"
+    toml.write_text('arch = "resnet18"\n[[stages]]\nepochs = 1\n[[stages]]\nepochs = 2\nname = "late"\n')
+    where, raw = recipes.load(str(toml))
+    assert [s["name"] for s in recipes.resolve(raw, where=where)["stages"]] == ["stage1", "late"]

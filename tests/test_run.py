@@ -313,3 +313,16 @@ def test_train_py_trains_the_stages_and_scores_nothing_on_the_test_set(prepared,
                                    "--out", tmp_path / "p.csv", "--workers", 0)])
     preds = pd.read_csv(tmp_path / "p.csv")
     assert len(preds) == len(pd.read_csv(prepared / "test.csv"))
+
+
+def test_lr_find_command_gives_run_py_every_value_exactly():
+    """The run.py line lr_find prints carries the flags it was given digit for digit (floats, lists, bools)."""
+    import lr_find
+    flags = ["--wd", "0.0123456789", "--box-lambda", "1.23456789", "--sizes", "64,96", "--bs", "16,8", "--no-pretrained",
+             "--arch", "resnet18", "--label-smoothing", "0.15"]
+    args = lr_find.parse_args(["--stage", "unfrozen", *flags])
+    recipe, given, index = lr_find.measured(args)
+    command, _ = lr_find.run_command(args, recipe, given, index, 0.00123)
+    got, _ = resolved_by_run_py(command)
+    no_lr = lambda r: {**r, "stages": [{**s, "lr": None} for s in r["stages"]]}   # noqa: E731
+    assert no_lr(got) == no_lr(recipe) and got["stages"][0]["wd"] == 0.0123456789 and got["box_lambda"] == 1.23456789
