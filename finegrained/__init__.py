@@ -19,7 +19,8 @@ other (import-linter checks this from pyproject.toml: `make lint`, part of `make
   prepare                                       train.csv / test.csv from downloads or the user's files
   images | cli                                  image decoding and box regions; the scripts' flags and exit codes
   files                                         atomic writes (JSON, CSV, PNG, HTML, weights), the run-folder lock
-  errors                                        UserError and RunFailed: one line and an exit status
+  errors | ranks                                UserError and RunFailed: one line and an exit status; which process
+                                                this is (is_main, from the launcher's environment)
 
 Imports sit at the top of each module. runner, holdout and recipe load the layers below them inside functions, on
 purpose: a script's --help then answers without importing torch and fastai (seconds on a cold start)."""

@@ -2,13 +2,13 @@
 with one `error:` line and its exit status instead of a traceback."""
 import argparse
 import errno
-import os
 import sys
 import warnings
 from pathlib import Path
 
 from finegrained.errors import UserError
 from finegrained.files import disk_full
+from finegrained.ranks import is_main
 
 
 def run(main):
@@ -18,9 +18,7 @@ def run(main):
     try:
         main()
     except UserError as err:
-        # data-parallel: every process stops alike; one says why. Read here from RANK, which torchrun and accelerate
-        # set, because cli sits below distributed (whose is_main also reads MPI launchers' variables)
-        if os.environ.get("RANK", "0") == "0":
+        if is_main():  # data-parallel: every process stops alike; one says why
             print(f"error: {err}", file=sys.stderr)
         sys.exit(err.status)
     except OSError as err:

@@ -52,49 +52,13 @@ from fastai.torch_core import defaults, set_seed
 from timm.layers import convert_sync_batchnorm
 
 from finegrained.errors import UserError
+from finegrained.ranks import (LOCAL_RANK_VARS, LOCAL_SIZE_VARS, RANK_VARS, SIZE_VARS,  # noqa: F401  (re-exported)
+                               is_main, local_rank, local_world_size, rank, world_size)
 
-# The names each launcher uses, torch's first (the same lists accelerate reads for the CPU).
-SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
-RANK_VARS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
-LOCAL_RANK_VARS = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
-LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
 # Set by accelerate's simple launcher (one process) and never by torchrun.
 SIMPLE_LAUNCHER_VARS = ("ACCELERATE_USE_CPU", "ACCELERATE_DYNAMO_BACKEND")
 
 _installed = False
-
-
-def _env_int(names, default):
-    for name in names:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return int(value)
-    return default
-
-
-def world_size():
-    """How many processes the launcher started (1 when run plainly); read from the environment, no process group needed."""
-    return max(1, _env_int(SIZE_VARS, 1))
-
-
-def rank():
-    """This process's global rank, 0..world_size()-1 (0 when run plainly)."""
-    return _env_int(RANK_VARS, 0)
-
-
-def local_rank():
-    """This process's rank on its machine: the GPU it uses."""
-    return _env_int(LOCAL_RANK_VARS, 0)
-
-
-def local_world_size():
-    """How many processes share this machine (its CPU cores, its DataLoader workers)."""
-    return max(1, _env_int(LOCAL_SIZE_VARS, world_size()))
-
-
-def is_main():
-    """True on the one process that writes files, prints and scores (rank 0); True when run plainly."""
-    return rank() == 0
 
 
 def launched_alone():

@@ -28,10 +28,10 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.learner import Recorder
 
-from finegrained import distributed
 from finegrained.errors import UserError
 
 from finegrained.files import write_json
+from finegrained.ranks import is_main
 
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
@@ -96,7 +96,7 @@ class EpochTracker(Callback):
     # fastai events
     def before_fit(self):
         # not for lr_find, nor on the other processes of a data-parallel run: the main one logs
-        if hasattr(self.learn, "lr_finder") or hasattr(self, "gather_preds") or self.started or not distributed.is_main():
+        if hasattr(self.learn, "lr_finder") or hasattr(self, "gather_preds") or self.started or not is_main():
             return
         self.run_folder.mkdir(parents=True, exist_ok=True)
         self.start()

@@ -215,3 +215,24 @@ def test_nothing_leaks_into_later_tests():  # runs last in this file
     assert {name: os.environ.get(name) for name in LAUNCH_VARS} == OUTSIDE
     from fastai.distributed import DistributedDL
     assert DistributedDL._broadcast is not distributed._broadcast
+
+
+def test_the_scripts_error_line_comes_from_rank_0_alone(monkeypatch, capsys):
+    """cli.run asks ranks.is_main, the one rank-0 helper: every process of a data-parallel run exits alike, one says why
+    (an MPI launcher's PMI_RANK counts as torchrun's RANK)."""
+    import pytest as _pytest
+    from finegrained import cli
+    from finegrained.errors import UserError
+
+    def fail():
+        raise UserError("bad input")
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for env, shown in ((None, True), (("RANK", "1"), False), (("PMI_RANK", "2"), False), (("RANK", "0"), True)):
+        if env:
+            monkeypatch.setenv(*env)
+        with _pytest.raises(SystemExit):
+            cli.run(fail)
+        assert ("error: bad input" in capsys.readouterr().err) is shown, env
+        if env:
+            monkeypatch.delenv(env[0])
