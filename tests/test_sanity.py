@@ -124,7 +124,9 @@ def test_initial_loss_far_above_ln_classes_fails(train_df):
     assert not ok, detail
 
 
-@pytest.mark.parametrize("size, classes, per_class", [(32, 2, 40), (224, 2, 15), (96, 6, 6), (224, 6, 5), (32, 20, 3)])
+@pytest.mark.parametrize("size, classes, per_class", [  # the recipe's 224 px costs seconds: in the full suite alone
+    (32, 2, 40), pytest.param(224, 2, 15, marks=pytest.mark.slow), (96, 6, 6),
+    pytest.param(224, 6, 5, marks=pytest.mark.slow), (32, 20, 3)])
 def test_initial_loss_passes_on_clean_data_of_any_size_and_class_count(clean_set, size, classes, per_class):
     """The loss as training starts (BatchNorm on batch statistics), not in eval mode, where an untrained network's
     BatchNorm has no statistics of any data and its logits grow with the image size (3.17 vs ln(6) at 224 px, issue 21)."""
