@@ -35,7 +35,7 @@ def lr_values(recipe, index, lr):
     targets = [i for i in group if i >= index and stages[i]["train"] == stages[index]["train"]]
     targets = [i for k, i in enumerate(targets) if i == index + k]     # consecutive from the measured stage
     new = [value if i in targets else s["lr"] for i, s in enumerate(stages)]
-    text = [f"{v:.3g}" if i in targets else f"{v:g}" for i, v in enumerate(new)]
+    text = [f"{v:.3g}" if i in targets else str(v) for i, v in enumerate(new)]  # the recipe's own, exactly
     if all(len({text[i] for i in r}) == 1 for r in runs):
         text = [text[r[0]] for r in runs]
     return ",".join(text), targets
@@ -64,7 +64,12 @@ def measured(args):
     given = recipes.overrides(args)
     recipe = recipes.resolve(raw, given, where)
     if args.model and (Path(args.model) / "model.json").exists():  # the trained model's own architecture and head
-        meta = json.loads((Path(args.model) / "model.json").read_text())
+        try:
+            meta = json.loads((Path(args.model) / "model.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        except (ValueError, OSError) as err:
+            raise UserError(f"{Path(args.model) / 'model.json'}: not a readable model description ({err})")
         recipe.update(arch=meta.get("arch", recipe["arch"]), head=meta.get("head", recipe["head"]))
         if recipe["head"] == "bilinear":
             from finegrained.models import saved_head_options

@@ -204,7 +204,7 @@ def _check(where, name, value, declared):
     meta, kind = declared.metadata, declared.type
     if meta["choices"] and value not in meta["choices"]:
         raise UserError(f"{where}: {name} {value!r} is not one of {', '.join(meta['choices'])}")
-    if kind is str or kind is list:
+    if kind is str:
         return value
     if kind is bool:
         if not isinstance(value, bool):
@@ -262,14 +262,19 @@ def _groups(flag, stages, count):
     """The stages each of a list flag's `count` values sets: one value per stage, or one per run of stages sharing
     a value in the recipe (so `--sizes 224,299` keeps its meaning for the stages of sizes 224, 224, 299). Epochs are
     always per stage."""
-    name = STAGE_FLAGS[flag]
-    runs = _runs([s[name] for s in stages]) if name != "epochs" else [[i] for i in range(len(stages))]
+    runs = _flag_runs(flag, stages)
     if count == len(stages):
         return [[i] for i in range(len(stages))]
     if count == len(runs):
         return runs
     raise UserError(f"--{flag} takes {len(stages)} comma-separated values (one per stage){_runs_text(runs, stages)}, "
                     f"got {count}")
+
+
+def _flag_runs(flag, stages):
+    """The runs of stages one value of a shorter stage flag sets (epochs: each stage alone)."""
+    name = STAGE_FLAGS[flag]
+    return _runs([s[name] for s in stages]) if name != "epochs" else [[i] for i in range(len(stages))]
 
 
 def _runs_text(runs, stages):
@@ -453,8 +458,7 @@ def describe(recipe):
 
 def _flag_rule(flag, stages):
     """How many values --flag takes for these stages: "--sizes 3 values (one per stage) or 2 (stages 1-2, 3)"."""
-    name = STAGE_FLAGS[flag]
-    runs = _runs([s[name] for s in stages]) if name != "epochs" else [[i] for i in range(len(stages))]
+    runs = _flag_runs(flag, stages)
     return f"--{flag} {len(stages)} value{'s' if len(stages) > 1 else ''}{_runs_text(runs, stages)}"
 
 

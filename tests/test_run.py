@@ -326,3 +326,23 @@ def test_lr_find_command_gives_run_py_every_value_exactly():
     got, _ = resolved_by_run_py(command)
     no_lr = lambda r: {**r, "stages": [{**s, "lr": None} for s in r["stages"]]}   # noqa: E731
     assert no_lr(got) == no_lr(recipe) and got["stages"][0]["wd"] == 0.0123456789 and got["box_lambda"] == 1.23456789
+
+
+@pytest.mark.parametrize("text", ["{oops", "[1]"])
+def test_lr_find_with_a_broken_model_json_is_one_line(tmp_path, text):
+    import lr_find
+    (tmp_path / "model.json").write_text(text)
+    with pytest.raises(UserError, match=r"model.json: not a readable model description"):
+        lr_find.measured(lr_find.parse_args(["--model", str(tmp_path)]))
+
+
+def test_lr_find_keeps_the_other_stages_lrs_exactly(tmp_path):
+    """Only the measured stage gets the (rounded) suggestion; the others keep the recipe's lr digit for digit."""
+    import lr_find
+    toml = tmp_path / "r.toml"
+    toml.write_text('[[stages]]\nname = "frozen"\ntrain = "frozen"\nlr = 0.0123456789\n'
+                    '[[stages]]\nname = "all"\nlr = 0.001\nsize = 299\n')
+    args = lr_find.parse_args(["--recipe", str(toml), "--stage", "unfrozen"])
+    recipe, given, index = lr_find.measured(args)
+    command, targets = lr_find.run_command(args, recipe, given, index, 0.00123)
+    assert targets == [1] and command.endswith("--lr 0.0123456789,0.00123")
