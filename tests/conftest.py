@@ -1,4 +1,5 @@
 """Shared fixtures: generated datasets in the real file formats and one tiny model trained on them."""
+import functools
 import inspect
 import re
 import subprocess
@@ -21,50 +22,50 @@ SLOW_CALLS = re.compile(r"\b(run_script|subprocess\.\w+|Popen|fit|fit_one_cycle|
                         r"run_checks|lr_find|check_overfit|main|torchrun)\(")
 
 
-def _slow_names(module):
+def _body(func):
+    return inspect.getsource(func).split("\n", 1)[-1]   # without the def line (a test named like a slow call)
+
+
+def _calls_slow(body, slow_names):
+    return bool(SLOW_CALLS.search(body)) or any(re.search(rf"\b{re.escape(s)}\(", body) for s in slow_names)
+
+
+@functools.cache
+def _slow_names(module_name):
     """The module's functions that train or start a process, directly or through another of its functions."""
-    sources = {name: inspect.getsource(f) for name, f in vars(module).items()
-               if inspect.isfunction(f) and getattr(f, "__module__", None) == module.__name__}
-    slow = {name for name, src in sources.items() if SLOW_CALLS.search(src.split("\n", 1)[-1])}
+    module = sys.modules[module_name]
+    bodies = {name: _body(f) for name, f in vars(module).items()
+              if inspect.isfunction(f) and getattr(f, "__module__", None) == module_name}
+    slow = set()
     while True:  # a helper that calls a slow helper is slow too
-        more = {name for name, src in sources.items() if name not in slow
-                and any(re.search(rf"\b{re.escape(s)}\(", src.split("\n", 1)[-1]) for s in slow)}
+        more = {name for name, body in bodies.items() if name not in slow and _calls_slow(body, slow)}
         if not more:
-            return slow
+            return frozenset(slow)
         slow |= more
 
 
-def _is_slow(item, slow_names):
+def _is_slow(item):
     if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
         return True
     if getattr(item, "function", None) is None:
         return False
-    if item.function.__name__ in slow_names:
+    if item.function.__name__ in _slow_names(item.module.__name__):
         return True
     fixtures = getattr(item, "_fixtureinfo", None)
     for name in getattr(item, "fixturenames", ()):   # a fixture that trains or starts a process
         for fixture in (fixtures.name2fixturedefs.get(name, ()) if fixtures else ()):
             func = getattr(fixture, "func", None)
-            if func is not None and _calls_slow(func, _slow_names(sys.modules[func.__module__])):
+            if func is not None and _calls_slow(_body(func), _slow_names(func.__module__)):
                 return True
     return False
-
-
-def _calls_slow(func, slow_names):
-    body = inspect.getsource(func).split("\n", 1)[-1]
-    return bool(SLOW_CALLS.search(body)) or any(re.search(rf"\b{re.escape(s)}\(", body) for s in slow_names)
 
 
 def pytest_collection_modifyitems(items):
     """The quick tier (`pytest -m "not slow"`) leaves out every test that trains, starts a process, or needs a model
     trained for it: found by what the test, its module's helpers and its fixtures call (SLOW_CALLS), so a new
     end-to-end test is slow without anyone marking it."""
-    cache = {}
     for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and module.__name__ not in cache:
-            cache[module.__name__] = _slow_names(module)
-        if _is_slow(item, cache.get(getattr(module, "__name__", None), set())):
+        if _is_slow(item):
             item.add_marker(pytest.mark.slow)
 
 
